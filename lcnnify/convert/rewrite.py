@@ -1,0 +1,439 @@
+"""Apply the replacement table to a model, call site by call site (DESIGN §3).
+
+The model is traced with :mod:`lcnnify.convert.trace` (in train and in eval mode). If both traces agree, the
+graph is rewritten node by node:
+
+* every activation *call site* (module, function or method) becomes its own ``CenteredSoftplus`` — a module
+  called at two sites becomes two modules (``relu`` and ``relu_1``); a functional call inside module ``a.b``
+  becomes module ``a.b.relu`` (first free name), so names are deterministic;
+* in-place activations are replaced by out-of-place ones and every later reader of the input is redirected
+  to the new value (what the in-place op's aliasing meant);
+* convs / linears get a spectral-norm parametrization on ``weight`` (same module, same path);
+* BatchNorms become ``LipschitzBatchNorm`` at the same path (same state-dict keys, plus gamma);
+* ops that void the guarantee are reported (never changed).
+
+If a module cannot be traced (or its train and eval traces differ, e.g. auxiliary heads), it keeps its own
+``forward`` and its children are converted one by one — the *module-level fallback*, always reported.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..config import LCNNConfig
+from ..errors import ConversionError
+from ..nn import (CenteredSoftplus, LipschitzBatchNorm, conv_spectral_norm, is_lcnn_layer,
+                  linear_spectral_norm)
+from ..nn.batchnorm_act import LipschitzBatchNormAct
+from . import rules as R
+from .report import ConversionReport, Converted, Fallback, Left
+from .trace import graph_signature, trace
+
+_HARMLESS_LEAVES: tuple[type, ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Upsample,
+    nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softsign,
+)
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+_META_METHODS = {"size", "dim", "numel", "ndimension", "type", "__len__"}
+_META_FUNCTIONS = {getattr, len}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _type_name(obj: Any) -> str:
+    return type(obj).__name__ if isinstance(obj, nn.Module) else getattr(obj, "__name__", str(obj))
+
+
+class Converter:
+    """Converts one model with one config, filling one :class:`ConversionReport`."""
+
+    def __init__(self, config: LCNNConfig, report: ConversionReport,
+                 example_inputs: tuple[Any, ...] | None = None, dry_run: bool = False) -> None:
+        self.config = config
+        self.report = report
+        self.example_inputs = example_inputs
+        self.dry_run = dry_run
+        self._skip_res = [re.compile(s[3:]) for s in config.skip if s.startswith("re:")]
+        self._skip_names = {s for s in config.skip if not s.startswith("re:")}
+        self._done_params: set[int] = set()  # ids of modules already parametrized (shared convs/linears)
+        # the family -> factory table (DESIGN: pattern -> replacement, not an if-chain)
+        self._factories: dict[str, Callable[[nn.Module | None, str, fx.Node | None], nn.Module | None]] = {
+            "relu": self._activation,
+            "smooth": self._activation,
+            "conv": self._conv,
+            "linear": self._linear,
+            "batchnorm": self._batchnorm,
+            "batchnorm_act": self._batchnorm_act,
+        }
+
+    # ================================================================== entry point
+    def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
+        """Convert ``module`` (whose path in the user's model is ``prefix``); returns the converted module."""
+        rule = R.rule_for_module(module)
+        if rule is not None:  # a bare layer (e.g. the model IS a conv, or a fallback child)
+            return self._convert_leaf_module(module, rule, prefix)
+        reason = None
+        try:
+            g_train = trace(module, training=True)
+            g_eval = trace(module, training=False)
+            if graph_signature(g_train) != graph_signature(g_eval):
+                reason = ("its forward takes different paths in train and eval mode "
+                          "(e.g. auxiliary heads or a module reading self.training)")
+        except Exception as e:  # noqa: BLE001 - any tracing failure means fallback
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = f"torch.fx cannot trace it ({type(e).__name__}: {msg[:200]})"
+        if reason is None:
+            gm = fx.GraphModule(module, g_train, class_name=type(module).__name__)
+            self._rewrite_graph(gm, prefix)
+            return gm
+        if not self.config.allow_fallback:
+            raise ConversionError(
+                f"cannot trace module '{prefix or '<root>'}' ({type(module).__name__}): {reason}. "
+                "Fix: make its forward traceable by torch.fx, or pass allow_fallback=True to convert it "
+                "module by module (its own forward is then left as it is and reported).")
+        return self._convert_children(module, prefix, reason)
+
+    # ================================================================== graph route
+    def _rewrite_graph(self, gm: fx.GraphModule, prefix: str) -> None:
+        graph = gm.graph
+        modules = dict(gm.named_modules())
+        if self.config.per_channel_beta:
+            self._propagate_shapes(gm)
+        sites = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        seen_sites: Counter[str] = Counter()
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        tensorish = _tensor_nodes(graph)
+
+        for node in list(graph.nodes):
+            rule = R.match(node, modules)
+            if rule is None:
+                self._report_voiding(node, modules, prefix, tensorish)
+                continue
+            site_path = self._site_path(node)
+            if self._skipped(_join(prefix, site_path), modules.get(node.target) if node.op == "call_module"
+                             else None):
+                self._left(_join(prefix, site_path), rule.name, "skipped by config (skip / convert_types)",
+                           voids=rule.family in ("relu", "smooth", "batchnorm", "batchnorm_act"))
+                continue
+            if node.op == "call_module":
+                target = node.target
+                seen_sites[target] += 1
+                module = modules[target]
+                if rule.family in ("relu", "smooth", "batchnorm_act"):
+                    # one module per call site: the first site keeps the path, later ones get a fresh name
+                    name = target if seen_sites[target] == 1 else self._fresh_name(gm, f"{target}_{seen_sites[target] - 1}")
+                    new = self._factories[rule.family](module, _join(prefix, name), node)
+                    if new is None:
+                        continue
+                    self._install(gm, name, new)
+                    if name != target:
+                        node.target = name
+                    if rule.family != "batchnorm_act" and R.is_inplace_call(node, rule, modules):
+                        _redirect_inplace_readers(node, order)
+                else:
+                    if sites[target] > 1 and seen_sites[target] > 1:
+                        continue  # shared layer: converted once, noted at its first site
+                    if sites[target] > 1:
+                        self.report.notes.append(
+                            f"'{_join(prefix, target)}' ({type(module).__name__}) is called at {sites[target]} "
+                            "call sites; it is converted once and shared (unshare it in your model if the sites "
+                            "see different input shapes)")
+                    new = self._factories[rule.family](module, _join(prefix, target), node)
+                    if new is not None and new is not module:
+                        self._install(gm, target, new)
+            else:  # functional or method activation call site
+                parent = self._site_parent(node)
+                base = rule.name.split(".")[-1].rstrip("_")
+                name = self._fresh_name(gm, _join(parent, base))
+                new = self._factories[rule.family](None, _join(prefix, name), node)
+                if new is None:
+                    continue
+                self._install(gm, name, new)
+                with graph.inserting_after(node):
+                    new_node = graph.call_module(name, (node.args[0],))
+                new_node.meta = dict(node.meta)
+                node.replace_all_uses_with(new_node)
+                order[new_node] = order[node]
+                inplace = R.is_inplace_call(node, rule, modules)
+                graph.erase_node(node)
+                if inplace:
+                    _redirect_inplace_readers(new_node, order)
+        graph.lint()
+        gm.recompile()
+
+    def _propagate_shapes(self, gm: fx.GraphModule) -> None:
+        if self.example_inputs is None:
+            raise ConversionError("per_channel_beta=True needs example_inputs (the channel count of every "
+                                  "activation call site comes from a forward pass). Fix: pass example_inputs=...")
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        was = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*self.example_inputs)
+        finally:
+            gm.train(was)
+
+    # ================================================================== module-level fallback
+    def _convert_children(self, module: nn.Module, prefix: str, reason: str) -> nn.Module:
+        self.report.fallbacks.append(Fallback(prefix, reason))
+        if not prefix:
+            self.report.traced = False
+        self._left(prefix or "<root>", f"{type(module).__name__}.forward",
+                   "not traced: ops in its own forward (functional activations, products, max...) are not "
+                   "analysed and call sites of shared children are not unshared", voids=True)
+        for name, child in list(module.named_children()):
+            path = _join(prefix, name)
+            if self._skipped(path, child):
+                self._left(path, type(child).__name__, "skipped by config", voids=True)
+                continue
+            new = self.convert(child, path)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    def _convert_leaf_module(self, module: nn.Module, rule: R.Rule, path: str) -> nn.Module:
+        if self._skipped(path, module):
+            self._left(path, rule.name, "skipped by config", voids=True)
+            return module
+        new = self._factories[rule.family](module, path, None)
+        return module if new is None else new
+
+    # ================================================================== factories (family -> replacement)
+    def _activation(self, module: nn.Module | None, path: str, node: fx.Node | None) -> nn.Module | None:
+        original = _type_name(module) if module is not None else _site_name(node)
+        family = R.rule_for_module(module).family if module is not None else R.match(node, {}).family  # type: ignore[union-attr,arg-type]
+        if not self._wants_conversion(module, original, family):
+            self._left(path, original, "smooth activation kept (smooth_activations='keep' or a per-type override); "
+                       "its slope can exceed 1 and its curvature is not penalized", voids=True)
+            return None
+        channels = None
+        if self.config.per_channel_beta:
+            meta = node.meta.get("tensor_meta") if node is not None else None
+            if meta is None or len(meta.shape) < 2:
+                raise ConversionError(f"per_channel_beta: no channel count known for '{path}' ({original}); "
+                                      "pass example_inputs or use per_channel_beta=False")
+            channels = int(meta.shape[1])
+        new = CenteredSoftplus(beta=self.config.beta0, num_channels=channels)
+        self.report.converted.append(Converted(path, "activation", original, "CenteredSoftplus",
+                                               node.name if node is not None else ""))
+        return new
+
+    def _conv(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
+        if is_lcnn_layer(module) or not self.config.spectral_norm_conv:
+            return None
+        if type(module).forward not in _PLAIN_CONV_FORWARDS:
+            # a conv subclass with its own forward (dynamic same padding, weight standardization...)
+            self._left(path, type(module).__name__,
+                       "conv subclass with its own forward: its operator is not the plain convolution, so "
+                       "it is not spectrally normalized", voids=True)
+            return None
+        if not self.dry_run:
+            conv_spectral_norm(module, n_power_iterations=self.config.power_iterations,
+                               warmup_iterations=self.config.warmup_iterations)
+        self.report.converted.append(Converted(path, "conv", type(module).__name__, "ConvSpectralNorm",
+                                               node.name if node is not None else ""))
+        return module
+
+    def _linear(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
+        if is_lcnn_layer(module) or not self.config.spectral_norm_linear:
+            return None
+        if not self.dry_run:
+            linear_spectral_norm(module)
+        self.report.converted.append(Converted(path, "linear", type(module).__name__, "spectral_norm",
+                                               node.name if node is not None else ""))
+        return module
+
+    def _batchnorm(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
+        if not self.config.lipschitz_batchnorm:
+            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=True)
+            return None
+        new = LipschitzBatchNorm.from_batchnorm(module, gamma=self.config.gamma0)
+        self.report.converted.append(Converted(path, "batchnorm", type(module).__name__, "LipschitzBatchNorm",
+                                               node.name if node is not None else ""))
+        return new
+
+    def _batchnorm_act(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
+        act = getattr(module, "act", None) or nn.Identity()
+        drop = getattr(module, "drop", None) or nn.Identity()
+        act_rule = R.rule_for_module(act)
+        if act_rule is not None and act_rule.family in ("relu", "smooth"):
+            act = self._activation(act, _join(path, "act"), None) or act
+        elif not isinstance(act, nn.Identity):
+            self._left(_join(path, "act"), type(act).__name__, "activation of a fused BN+act kept (no rule)",
+                       voids=True)
+        if not self.config.lipschitz_batchnorm:
+            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=True)
+            return None
+        new = LipschitzBatchNormAct.from_batchnorm_act(module, act=act, drop=drop, gamma=self.config.gamma0)
+        self.report.converted.append(Converted(path, "batchnorm", type(module).__name__,
+                                               "LipschitzBatchNormAct", node.name if node is not None else ""))
+        return new
+
+    # ================================================================== policy
+    def _wants_conversion(self, module: nn.Module | None, original: str, family: str) -> bool:
+        overrides = self.config.convert_types
+        for key in ((type(module) if module is not None else None), original):
+            if key is not None and key in overrides:
+                return overrides[key] == "convert"
+        if family == "relu":
+            return True
+        return self.config.smooth_activations == "convert"
+
+    def _skipped(self, path: str, module: nn.Module | None) -> bool:
+        if path in self._skip_names or any(r.fullmatch(path) for r in self._skip_res):
+            return True
+        if module is not None and self.config.convert_types.get(type(module)) == "keep":
+            return R.rule_for_module(module) is not None and R.rule_for_module(module).family not in ("relu", "smooth")
+        return False
+
+    # ================================================================== reporting
+    def _left(self, path: str, op: str, reason: str, voids: bool) -> None:
+        self.report.left.append(Left(path, op, reason, voids))
+
+    def _report_voiding(self, node: fx.Node, modules: dict[str, nn.Module], prefix: str,
+                        tensorish: set[fx.Node]) -> None:
+        path = _join(prefix, self._site_path(node))
+        if node.op == "call_module":
+            m = modules[node.target]
+            for t, why in R.VOIDING_MODULES():
+                if isinstance(m, t):
+                    return self._left(path, type(m).__name__, why, voids=True)
+            if type(m).__name__ in R.GATE_MODULE_NAMES:
+                return self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)",
+                                  voids=False)
+            if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m):
+                return None
+            return self._left(path, type(m).__name__, "opaque module (torch.fx does not trace into it): "
+                              "its curvature is not analysed", voids=True)
+        if node.op == "call_function":
+            if node.target in R.VOIDING_FUNCTIONS:
+                return self._left(path, _site_name(node), R.VOIDING_FUNCTIONS[node.target], voids=True)
+            if node.target in R.PRODUCT_FUNCTIONS and _is_product(node, tensorish):
+                return self._left(path, _site_name(node), "product of two input-dependent tensors (gating / "
+                                  "attention): curvature grows with the product of the slopes", voids=True)
+        if node.op == "call_method":
+            if node.target in R.VOIDING_METHODS:
+                return self._left(path, f"Tensor.{node.target}", R.VOIDING_METHODS[node.target], voids=True)
+            if node.target in R.PRODUCT_METHODS and _is_product(node, tensorish):
+                return self._left(path, f"Tensor.{node.target}", "product of two input-dependent tensors "
+                                  "(gating / attention)", voids=True)
+        return None
+
+    # ================================================================== naming helpers
+    @staticmethod
+    def _site_parent(node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        return path if isinstance(path, str) else ""
+
+    def _site_path(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        return _join(self._site_parent(node), node.name)
+
+    @staticmethod
+    def _fresh_name(gm: fx.GraphModule, name: str) -> str:
+        taken = {n for n, _ in gm.named_modules()} | {n for n, _ in gm.named_parameters()} | \
+                {n for n, _ in gm.named_buffers()}
+
+        def free(candidate: str) -> bool:
+            if candidate in taken:
+                return False
+            parent, _, leaf = candidate.rpartition(".")
+            try:
+                owner = gm.get_submodule(parent) if parent else gm
+            except AttributeError:
+                return True
+            return not hasattr(owner, leaf)
+
+        if free(name):
+            return name
+        base = re.sub(r"_\d+$", "", name)
+        k = 1
+        while not free(f"{base}_{k}"):
+            k += 1
+        return f"{base}_{k}"
+
+    @staticmethod
+    def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            try:
+                owner = gm.get_submodule(parent)
+            except AttributeError:
+                if not gm.add_submodule(name, module):
+                    raise ConversionError(f"cannot install converted module at '{name}'") from None
+                return
+        else:
+            owner = gm
+        setattr(owner, leaf, module)
+
+
+def _site_name(node: fx.Node | None) -> str:
+    if node is None:
+        return "?"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    t = node.target
+    mod = getattr(t, "__module__", "") or ""
+    name = getattr(t, "__name__", str(t))
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if mod.startswith("torch") or mod == "" or mod.startswith("_operator"):
+        return f"torch.{name}" if not mod.startswith("_operator") else f"operator.{name}"
+    return f"{mod}.{name}"
+
+
+def _tensor_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value is a tensor that depends on the input (not shapes/sizes, not parameters)."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            out.add(n)
+            continue
+        if n.op in ("get_attr", "output"):
+            continue
+        if (n.op == "call_method" and n.target in _META_METHODS) or (
+                n.op == "call_function" and n.target in _META_FUNCTIONS):
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] not in out:
+            continue
+        if any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def _is_product(node: fx.Node, tensorish: set[fx.Node]) -> bool:
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    return sum(a in tensorish for a in args) >= 2
+
+
+def _redirect_inplace_readers(new_node: fx.Node, order: dict[fx.Node, int]) -> None:
+    """After ``x.relu_()`` became ``y = act(x)``, readers of ``x`` placed after the call must read ``y``."""
+    src = new_node.args[0]
+    if not isinstance(src, fx.Node):
+        return
+    pos = order[new_node]
+    for user in list(src.users):
+        if user is not new_node and order.get(user, -1) > pos:
+            user.replace_input_with(src, new_node)
+
+
+def iter_converted_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    return ((n, m) for n, m in model.named_modules() if is_lcnn_layer(m))
