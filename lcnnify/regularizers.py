@@ -154,11 +154,13 @@ def cure_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, h: float
     the gradient along that step; for small ``h`` it is ``h * H_i z_i`` with ``H_i`` the input Hessian, so the
     penalty is ~ ``h**2 * mean ||H_i z_i||^2``. (A sample whose gradient is exactly zero gets ``z = 0``.)
 
-    Scaling. The CURE paper trains on ``loss + gamma * L_r`` with ``L_r`` the *squared* norm above and
-    ``gamma = 4``; the public reimplementation (F-Salehi/CURE_robustness) uses ``lambda_ = 4`` too, but returns
-    ``lambda_ * mean ||diff||`` (not squared) with a step-length schedule whose default is ``h = 3``. We return
-    the paper's squared term, *unweighted*: multiply by the weight yourself (CURE: 4). Divide the weight by
-    ``h**2`` if you want an ``h``-independent penalty on ``||H z||^2``.
+    Scaling. The CURE paper trains on ``loss + gamma * L_r`` with ``L_r`` the *squared* norm above (gamma = 4
+    and h = 1.5 are the values usually quoted from it; the abstract in our seed material does not state them,
+    so treat them as unverified). The public reimplementation (F-Salehi/CURE_robustness, checked) uses
+    ``lambda_ = 4``, but returns ``lambda_ * mean ||diff||`` (not squared) with ``z`` of length ``h`` and a
+    step-length schedule whose default is ``h = 3``, all in eval mode. We return the paper's squared term,
+    *unweighted*: multiply by the weight yourself (CURE: 4). Divide the weight by ``h**2`` if you want an
+    ``h``-independent penalty on ``||H z||^2``.
 
     Default ``h = 0.1`` (inputs in [0, 1]). CURE picks ``h`` of the order of the perturbation against which
     robustness is wanted (the reimplementation above uses a few units on its scale); with inputs in [0, 1] the

@@ -67,7 +67,8 @@ class Converter:
         self.dry_run = dry_run
         self._skip_res = [re.compile(s[3:]) for s in config.skip if s.startswith("re:")]
         self._skip_names = {s for s in config.skip if not s.startswith("re:")}
-        self._done_params: set[int] = set()  # ids of modules already parametrized (shared convs/linears)
+        self._opaque_ids: set[int] = set()  # submodules kept untraced (converted module by module)
+        self._graphs: tuple[fx.Graph, fx.Graph] | None = None
         # the family -> factory table (DESIGN: pattern -> replacement, not an if-chain)
         self._factories: dict[str, Callable[[nn.Module | None, str, fx.Node | None], nn.Module | None]] = {
             "relu": self._activation,
@@ -84,26 +85,66 @@ class Converter:
         rule = R.rule_for_module(module)
         if rule is not None:  # a bare layer (e.g. the model IS a conv, or a fallback child)
             return self._convert_leaf_module(module, rule, prefix)
-        reason = None
-        try:
-            g_train = trace(module, training=True)
-            g_eval = trace(module, training=False)
-            if graph_signature(g_train) != graph_signature(g_eval):
-                reason = ("its forward takes different paths in train and eval mode "
-                          "(e.g. auxiliary heads or a module reading self.training)")
-        except Exception as e:  # noqa: BLE001 - any tracing failure means fallback
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            reason = f"torch.fx cannot trace it ({type(e).__name__}: {msg[:200]})"
+        opaque: dict[str, str] = {}  # submodule path -> why it is kept as an untraced leaf
+        while True:
+            reason, culprit = self._try_trace(module, prefix, opaque)
+            if reason is None or culprit is None or culprit in opaque:
+                break
+            # trace around the offending submodule (a leaf), then convert that one module by module
+            opaque[culprit] = reason
         if reason is None:
+            g_train = self._graphs[0]
             gm = fx.GraphModule(module, g_train, class_name=type(module).__name__)
+            # keep the user's module hierarchy (Sequential, blocks...) instead of fx's bare containers, so that
+            # model.features[0] still works and the state-dict keys are exactly the original ones
+            for name, child in module.named_children():
+                setattr(gm, name, child)
+            self._opaque_ids = {id(gm.get_submodule(p)) for p in opaque}
             self._rewrite_graph(gm, prefix)
+            for path, why in opaque.items():
+                self._convert_children(gm.get_submodule(path), _join(prefix, path), why)
             return gm
-        if not self.config.allow_fallback:
-            raise ConversionError(
-                f"cannot trace module '{prefix or '<root>'}' ({type(module).__name__}): {reason}. "
-                "Fix: make its forward traceable by torch.fx, or pass allow_fallback=True to convert it "
-                "module by module (its own forward is then left as it is and reported).")
         return self._convert_children(module, prefix, reason)
+
+    def _try_trace(self, module: nn.Module, prefix: str,
+                   opaque: dict[str, str]) -> tuple[str | None, str | None]:
+        """Trace in train and eval mode. Returns (None, None) on success, else (reason, culprit submodule path
+        or None when the module's own forward is at fault)."""
+        leaves = [module.get_submodule(p) for p in opaque]
+        try:
+            g_train = trace(module, training=True, leaves=leaves)
+            g_eval = trace(module, training=False, leaves=leaves)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means fallback
+            if not self.config.allow_fallback:
+                raise self._trace_error(module, prefix, e) from e
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            culprit = _culprit(module, e)
+            where = f" in the forward of '{_join(prefix, culprit[0])}' ({culprit[1]})" if culprit else ""
+            return f"torch.fx cannot trace it{where} ({type(e).__name__}: {msg[:200]})", \
+                (culprit[0] if culprit else None)
+        sig_t, sig_e = graph_signature(g_train), graph_signature(g_eval)
+        if sig_t != sig_e:
+            culprit = _divergence(g_train, g_eval)
+            why = ("its forward takes different paths in train and eval mode (auxiliary heads or a module "
+                   "reading self.training)")
+            if not self.config.allow_fallback:
+                raise ConversionError(
+                    f"cannot convert '{_join(prefix, culprit or '') or '<root>'}': {why}. Fix: pass "
+                    "allow_fallback=True to convert it module by module.")
+            return why, culprit
+        self._graphs = (g_train, g_eval)
+        return None, None
+
+    @staticmethod
+    def _trace_error(module: nn.Module, prefix: str, e: BaseException) -> ConversionError:
+        culprit = _culprit(module, e)
+        where = (f"the forward of '{_join(prefix, culprit[0])}' ({culprit[1]})" if culprit else
+                 f"the forward of '{prefix or '<root>'}' ({type(module).__name__})")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return ConversionError(
+            f"torch.fx cannot trace {where}: {type(e).__name__}: {msg[:300]}. Fix: make that forward traceable "
+            "by torch.fx (no data-dependent control flow), or pass allow_fallback=True to convert it module by "
+            "module (its own forward is then left as it is and reported).")
 
     # ================================================================== graph route
     def _rewrite_graph(self, gm: fx.GraphModule, prefix: str) -> None:
@@ -127,6 +168,7 @@ class Converter:
                 self._left(_join(prefix, site_path), rule.name, "skipped by config (skip / convert_types)",
                            voids=rule.family in ("relu", "smooth", "batchnorm", "batchnorm_act"))
                 continue
+            inplace = R.is_inplace_call(node, rule, modules)
             if node.op == "call_module":
                 target = node.target
                 seen_sites[target] += 1
@@ -140,7 +182,7 @@ class Converter:
                     self._install(gm, name, new)
                     if name != target:
                         node.target = name
-                    if rule.family != "batchnorm_act" and R.is_inplace_call(node, rule, modules):
+                    if rule.family != "batchnorm_act" and inplace:
                         _redirect_inplace_readers(node, order)
                 else:
                     if sites[target] > 1 and seen_sites[target] > 1:
@@ -166,7 +208,6 @@ class Converter:
                 new_node.meta = dict(node.meta)
                 node.replace_all_uses_with(new_node)
                 order[new_node] = order[node]
-                inplace = R.is_inplace_call(node, rule, modules)
                 graph.erase_node(node)
                 if inplace:
                     _redirect_inplace_readers(new_node, order)
@@ -315,7 +356,7 @@ class Converter:
             if type(m).__name__ in R.GATE_MODULE_NAMES:
                 return self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)",
                                   voids=False)
-            if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m):
+            if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m) or id(m) in self._opaque_ids:
                 return None
             return self._left(path, type(m).__name__, "opaque module (torch.fx does not trace into it): "
                               "its curvature is not analysed", voids=True)
@@ -398,6 +439,34 @@ def _site_name(node: fx.Node | None) -> str:
     if mod.startswith("torch") or mod == "" or mod.startswith("_operator"):
         return f"torch.{name}" if not mod.startswith("_operator") else f"operator.{name}"
     return f"{mod}.{name}"
+
+
+def _culprit(module: nn.Module, exc: BaseException) -> tuple[str, str] | None:
+    """The innermost submodule of ``module`` whose forward was running when tracing raised ``exc``."""
+    names = {id(m): n for n, m in module.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if obj is not None and id(obj) in names and names[id(obj)]:
+            found = (names[id(obj)], type(obj).__name__)
+        tb = tb.tb_next
+    return found
+
+
+def _divergence(g1: fx.Graph, g2: fx.Graph) -> str | None:
+    """The innermost submodule (path) common to the first nodes where two traces differ, if any."""
+    for a, b in zip(g1.nodes, g2.nodes):
+        if (a.op, a.target) != (b.op, b.target):
+            sa = list((a.meta.get("nn_module_stack") or {}).values())
+            sb = list((b.meta.get("nn_module_stack") or {}).values())
+            common = None
+            for x, y in zip(sa, sb):
+                if x[0] != y[0]:
+                    break
+                common = x[0]
+            return common or None
+    return None
 
 
 def _tensor_nodes(graph: fx.Graph) -> set[fx.Node]:

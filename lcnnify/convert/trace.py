@@ -56,24 +56,27 @@ def _dropout_like() -> tuple[type, ...]:
 class LCNNTracer(fx.Tracer):
     """An ``fx.Tracer`` whose leaves are the layers lcnnify converts or reports (see module docstring)."""
 
-    def __init__(self, extra_leaves: Iterable[type] = ()) -> None:
+    def __init__(self, extra_leaves: Iterable[type] = (), leaf_ids: Iterable[int] = ()) -> None:
         notrace_mods, notrace_fns = _timm_notrace()
         super().__init__(autowrap_modules=(math,), autowrap_functions=notrace_fns, param_shapes_constant=True)
         self._leaves = tuple(notrace_mods) + _dropout_like() + tuple(extra_leaves)
+        self._leaf_ids = frozenset(leaf_ids)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_rule_leaf(m) or isinstance(m, self._leaves):
+        if id(m) in self._leaf_ids or is_rule_leaf(m) or isinstance(m, self._leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module, *, training: bool | None = None) -> fx.Graph:
-    """Symbolically trace ``model`` with the model temporarily in ``training`` mode (default: its own)."""
+def trace(model: nn.Module, *, training: bool | None = None, leaves: Iterable[nn.Module] = ()) -> fx.Graph:
+    """Symbolically trace ``model`` with the model temporarily in ``training`` mode (default: its own).
+
+    ``leaves``: extra submodules (by identity) not to trace into, e.g. ones whose forward fx cannot trace."""
     was_training = model.training
     if training is not None:
         model.train(training)
     try:
-        return LCNNTracer().trace(model)
+        return LCNNTracer(leaf_ids=[id(m) for m in leaves]).trace(model)
     finally:
         model.train(was_training)
 
