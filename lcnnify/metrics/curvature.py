@@ -179,6 +179,13 @@ def _check_logits(logits: Any, y: Tensor, *, fn: str) -> Tensor:
     return logits
 
 
+def _check_differentiable(loss: Tensor, fn: str) -> None:
+    if not loss.requires_grad:
+        raise MeasurementError(
+            f"lcnnify.metrics.{fn}: the model's logits do not depend differentiably on its input (torch.no_grad "
+            f"or .detach() inside forward?); input gradients and Hessians cannot be measured")
+
+
 def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, n, chunk_size):
         yield slice(start, min(n, start + chunk_size))
@@ -294,24 +301,27 @@ def _curvature_impl(model: nn.Module, x: Tensor, y: Tensor, *, iters: int, eps: 
                     method: str, generator: torch.Generator | None, fn: str) -> tuple[CurvatureStats, Tensor]:
     """Inside ``_measurement_mode``; x, y validated and on the model's device. Returns (stats, correct)."""
     n = x.shape[0]
-    v0_all = _start_vectors(tuple(x.shape), generator, x.device, x.dtype)
+    # Lanczos bookkeeping in at least float32 (half-precision inputs keep their dtype in the model)
+    work = torch.promote_types(x.dtype, torch.float32)
+    v0_all = _start_vectors(tuple(x.shape), generator, x.device, work)
     hess, gnorm, correct = [], [], []
     for sl in _chunks(n, chunk_size):
         xc = x[sl].clone().requires_grad_(True)
         yc = y[sl]
         logits = _check_logits(model(xc), yc, fn=fn)
         loss = F.cross_entropy(logits, yc, reduction="sum")
+        _check_differentiable(loss, fn)
         (g,) = torch.autograd.grad(loss, xc, create_graph=True)
-        gnorm.append(_flat_norm(g.detach()))
+        gnorm.append(_flat_norm(g.detach().to(work)))
         correct.append((logits.detach().argmax(dim=1) == yc).cpu())
 
         if g.requires_grad:
             def hvp(v: Tensor, g=g, xc=xc) -> Tensor:
-                (hv,) = torch.autograd.grad(g, xc, grad_outputs=v.reshape(xc.shape), retain_graph=True,
-                                            allow_unused=True)
+                (hv,) = torch.autograd.grad(g, xc, grad_outputs=v.reshape(xc.shape).to(xc.dtype),
+                                            retain_graph=True, allow_unused=True)
                 if hv is None:
                     return torch.zeros_like(v)
-                return hv.reshape(v.shape).detach()
+                return hv.reshape(v.shape).detach().to(v.dtype)
         else:  # the gradient does not depend on x: the Hessian is zero
             def hvp(v: Tensor) -> Tensor:
                 return torch.zeros_like(v)
@@ -328,7 +338,9 @@ def _curvature_impl(model: nn.Module, x: Tensor, y: Tensor, *, iters: int, eps: 
     curv = hessian_norm / (grad_norm + eps)
     if eps == 0.0:  # 0/0 for samples with zero gradient and zero Hessian: no curvature, not NaN
         curv = torch.where((hessian_norm == 0) & (grad_norm == 0), torch.zeros_like(curv), curv)
-    return CurvatureStats(curvature=curv, hessian_norm=hessian_norm, grad_norm=grad_norm), torch.cat(correct)
+    stats = CurvatureStats(curvature=curv.to(x.dtype), hessian_norm=hessian_norm.to(x.dtype),
+                           grad_norm=grad_norm.to(x.dtype))
+    return stats, torch.cat(correct)
 
 
 def _check_curvature_args(iters: Any, eps: Any, chunk_size: Any, method: Any, fn: str) -> tuple[int, float, int]:
@@ -386,6 +398,7 @@ def _input_gradients(model: nn.Module, x: Tensor, y: Tensor, chunk_size: int, fn
         xc = x[sl].clone().requires_grad_(True)
         logits = _check_logits(model(xc), y[sl], fn=fn)
         loss = F.cross_entropy(logits, y[sl], reduction="sum")
+        _check_differentiable(loss, fn)
         (g,) = torch.autograd.grad(loss, xc, allow_unused=True)
         out.append(torch.zeros_like(xc) if g is None else g.detach())
     return torch.cat(out)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from lcnnify.errors import MeasurementError
 from lcnnify.metrics.curvature import (
     DEFAULT_CHUNK_SIZE,
+    _check_differentiable,
     _check_int,
     _check_logits,
     _check_scalar,
@@ -180,6 +181,7 @@ def _pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, alph
         adv.requires_grad = True
         logits = _check_logits(model(adv), y, fn=fn)
         cost = F.cross_entropy(logits, y)
+        _check_differentiable(cost, fn)
         (grad,) = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)
         grad_norms = torch.norm(grad.view(b, -1), p=2, dim=1) + 1e-10
         grad = grad / grad_norms.view(view)

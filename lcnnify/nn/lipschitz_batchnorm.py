@@ -116,7 +116,10 @@ class LipschitzBatchNorm(_NormBase):
         else:
             var = self.running_var
         L = self._gain_terms(var).max()
-        return torch.clamp(self.gamma / L, max=1.0)
+        # min(1, gamma / L) written as gamma / max(L, gamma): identical values, but finite gradients when
+        # L = 0 (zero-initialised BN weights, e.g. timm's zero_init_last) where gamma / L would be inf
+        gamma = self.gamma.to(L.dtype)
+        return gamma / torch.maximum(L, gamma)
 
     def _param_dtype(self) -> torch.dtype:
         ref = self.weight if self.weight is not None else self.running_var

@@ -296,3 +296,14 @@ def test_random_architectures_have_unit_norm_layers_after_conversion(arch):
             assert torch.linalg.matrix_norm(cols, ord=2).item() == pytest.approx(1.0, abs=1e-2), name
         if isinstance(m, nn.Linear):
             assert torch.linalg.matrix_norm(m.weight.detach(), ord=2).item() == pytest.approx(1.0, abs=1e-2)
+
+
+def test_zero_initialised_batchnorm_weights_give_finite_gradients():
+    """timm's zero_init_last sets the last BN weight of each block to 0: L = 0 must not produce NaN grads."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2))
+    nn.init.zeros_(net[1].weight)
+    lc = lcnnify(net)
+    loss = lc(torch.randn(4, 1, 5, 5)).sum() + lc.curvature_penalty()
+    loss.backward()
+    for name, p in lc.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

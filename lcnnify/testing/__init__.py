@@ -1,0 +1,1 @@
+"""Checks shared by the zoo test and the zoo benchmark (not part of the public API)."""

@@ -1,0 +1,214 @@
+"""gamma-Lipschitz batch normalization (paper §3.4.2)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lcnnify.nn import LipschitzBatchNorm, is_lcnn_layer
+
+SETTINGS = settings(max_examples=40, deadline=None)
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SHAPES = {1: (6, 4, 5), 2: (6, 4, 3, 3), 3: (6, 4, 2, 3, 2)}
+
+
+def measured_channel_gains(bn: nn.Module, ndim: int = 4) -> torch.Tensor:
+    """|d out_c / d in_c| for every channel, by a finite difference of the (affine) eval-mode map."""
+    c = bn.num_features
+    x = torch.randn(1, c, *([3] * (ndim - 2)), dtype=torch.float64)
+    gains = []
+    with torch.no_grad():
+        base = bn(x)
+        for i in range(c):
+            xp = x.clone()
+            xp[:, i] += 1.0
+            gains.append((bn(xp) - base)[:, i].abs().mean())
+    return torch.stack(gains)
+
+
+@st.composite
+def bn_states(draw):
+    c = draw(st.integers(1, 6))
+    affine = draw(st.booleans())
+    gamma = draw(st.floats(1.0, 50.0))
+    log_var = draw(st.lists(st.floats(-8.0, 5.0), min_size=c, max_size=c))
+    weights = draw(st.lists(st.floats(-5.0, 5.0), min_size=c, max_size=c))
+    return c, affine, gamma, log_var, weights
+
+
+@SETTINGS
+@given(state=bn_states())
+def test_eval_gain_equals_min_of_L_and_gamma_and_never_exceeds_gamma(state):
+    c, affine, gamma, log_var, weights = state
+    bn = LipschitzBatchNorm(c, affine=affine, gamma=gamma, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor(log_var, dtype=torch.float64).exp())
+        bn.running_mean.normal_()
+        if affine:
+            bn.weight.copy_(torch.tensor(weights, dtype=torch.float64))
+            bn.bias.normal_()
+    bn.eval()
+    w = bn.weight.detach().abs() if affine else torch.ones(c, dtype=torch.float64)
+    L = (w / (bn.running_var + bn.eps).sqrt()).max().item()
+    g = bn.gamma.item()
+    gain = measured_channel_gains(bn).max().item()
+    assert gain == pytest.approx(min(L, g), rel=1e-9, abs=1e-12)
+    assert gain <= g * (1 + 1e-9)
+    assert bn.lipschitz_constant().item() == pytest.approx(min(L, g), rel=1e-12)
+
+
+@SETTINGS
+@given(raw=st.floats(-1e4, 1e2))
+def test_gamma_is_at_least_one_for_any_raw_parameter(raw):
+    bn = LipschitzBatchNorm(3)
+    with torch.no_grad():
+        bn.log_gamma_minus_1.fill_(raw)
+    assert bn.gamma.item() >= 1.0
+    assert bn.log_gamma().item() >= 0.0
+    assert math.isfinite(bn.log_gamma().item())  # stable even where gamma itself overflows
+    if math.isfinite(bn.gamma.item()):
+        assert bn.log_gamma().item() == pytest.approx(math.log(bn.gamma.item()), rel=1e-5, abs=1e-30)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.5, 10.0, 1e3])
+def test_gamma_initial_value_and_validation(gamma):
+    bn = LipschitzBatchNorm(3, gamma=gamma)
+    assert bn.gamma.item() == pytest.approx(gamma, rel=1e-6)
+    assert bn.log_gamma_minus_1.requires_grad
+    with pytest.raises(ValueError):
+        LipschitzBatchNorm(3, gamma=0.5)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.5])
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_mode_running_stats_and_outputs_match_nn_batchnorm(dim, momentum, affine):
+    torch.manual_seed(0)
+    ref = BN[dim](4, momentum=momentum, affine=affine)
+    lbn = LipschitzBatchNorm.from_batchnorm(ref, gamma=10.0)  # L = 1 <= gamma: no clipping
+    shapes = [SHAPES[dim]] + ([(6, 4)] if dim == 1 else [])
+    for shape in shapes * 2:
+        x = torch.randn(*shape) * 3 + 1
+        y, y_ref = lbn(x), ref(x)
+        # bitwise with affine; without it the clip factor (1.0) is passed as weight: equal up to rounding
+        assert torch.equal(y, y_ref) if affine else torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(lbn.running_mean, ref.running_mean)
+        assert torch.equal(lbn.running_var, ref.running_var)
+        assert torch.equal(lbn.num_batches_tracked, ref.num_batches_tracked)
+
+
+def test_state_dict_has_batchnorm_keys_plus_gamma():
+    bn = nn.BatchNorm2d(4)
+    lbn = LipschitzBatchNorm.from_batchnorm(bn)
+    assert set(lbn.state_dict()) == set(bn.state_dict()) | {"log_gamma_minus_1"}
+    missing, unexpected = lbn.load_state_dict(bn.state_dict(), strict=False)
+    assert missing == ["log_gamma_minus_1"] and unexpected == []
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_from_batchnorm_preserves_eval_outputs_when_gamma_exceeds_L(dim):
+    torch.manual_seed(dim)
+    bn = BN[dim](4).double()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.running_mean.normal_()
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    lbn = LipschitzBatchNorm.from_batchnorm(bn, gamma=10.0)
+    assert not lbn.training and lbn.dim == dim
+    assert lbn.running_var.dtype == torch.float64 and lbn.weight.device == bn.weight.device
+    assert lbn.lipschitz_bound_unclipped() < lbn.gamma
+    x = torch.randn(*SHAPES[dim], dtype=torch.float64)
+    assert torch.allclose(lbn(x), bn(x), rtol=0, atol=1e-12)
+    # copies, not shared storage
+    assert lbn.weight.data_ptr() != bn.weight.data_ptr()
+    # clipping active: only the linear part is scaled, by gamma / L
+    lbn2 = LipschitzBatchNorm.from_batchnorm(bn, gamma=1.0)
+    L = lbn2.lipschitz_bound_unclipped().item()
+    if L > 1.0:
+        s = lbn2.gamma.item() / L
+        expect = s * (bn(x) - bn.bias.view(1, -1, *([1] * (x.dim() - 2)))) + bn.bias.view(1, -1, *([1] * (x.dim() - 2)))
+        assert torch.allclose(lbn2(x), expect, atol=1e-12)
+
+
+def test_input_dim_is_checked_like_batchnorm():
+    lbn2 = LipschitzBatchNorm.from_batchnorm(nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="4D"):
+        lbn2(torch.randn(2, 4, 5))
+    lbn1 = LipschitzBatchNorm.from_batchnorm(nn.BatchNorm1d(4))
+    lbn1(torch.randn(2, 4))
+    lbn1(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError):
+        lbn1(torch.randn(2, 4, 5, 5))
+    any_dim = LipschitzBatchNorm(4)
+    for shape in [(3, 4), (3, 4, 2), (3, 4, 2, 2), (3, 4, 2, 2, 2)]:
+        any_dim(torch.randn(*shape))
+    with pytest.raises(ValueError, match="channels"):
+        any_dim(torch.randn(3, 5, 2))
+
+
+def test_frozen_batchnorm2d_conversion_stays_frozen():
+    torchvision = pytest.importorskip("torchvision")
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(4, eps=1e-3)
+    torch.manual_seed(0)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(frozen, name).normal_()
+    frozen.running_var.uniform_(0.5, 2.0)
+    lbn = LipschitzBatchNorm.from_batchnorm(frozen, gamma=100.0)
+    assert lbn.frozen and lbn.eps == 1e-3 and not lbn.weight.requires_grad
+    x = torch.randn(3, 4, 5, 5)
+    rv = lbn.running_var.clone()
+    lbn.train()
+    assert torch.allclose(lbn(x), frozen(x), atol=1e-5)  # running statistics also in training mode
+    assert torch.equal(lbn.running_var, rv)
+    assert set(frozen.state_dict()) <= set(lbn.state_dict())
+
+
+def test_sync_batchnorm_converts_to_plain_lipschitz_batchnorm():
+    sbn = nn.SyncBatchNorm(4, momentum=0.3)
+    lbn = LipschitzBatchNorm.from_batchnorm(sbn)
+    assert type(lbn) is LipschitzBatchNorm and lbn.momentum == 0.3 and lbn.dim is None
+    assert lbn(torch.randn(3, 4, 2, 2)).shape == (3, 4, 2, 2)
+    assert is_lcnn_layer(lbn) and not is_lcnn_layer(sbn)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gamma_receives_gradient_only_when_clipping_is_active(train):
+    torch.manual_seed(0)
+    lbn = LipschitzBatchNorm(3, gamma=2.0)
+    lbn.train(train)
+    x = torch.randn(8, 3, 4, 4)
+    lbn(x).square().sum().backward()
+    assert lbn.log_gamma_minus_1.grad is None or lbn.log_gamma_minus_1.grad.item() == 0.0  # L = 1 < gamma
+    with torch.no_grad():
+        lbn.running_var.fill_(0.01)  # L = 10 > gamma = 2: clipping active
+    lbn.zero_grad()
+    lbn(x).square().sum().backward()
+    g = lbn.log_gamma_minus_1.grad
+    assert g is not None and torch.isfinite(g) and g.item() != 0.0
+    assert torch.isfinite(lbn.weight.grad).all()
+
+
+def test_no_running_stats_bounds_gain_with_current_batch_statistics():
+    torch.manual_seed(0)
+    lbn = LipschitzBatchNorm(3, track_running_stats=False, gamma=2.0)
+    with torch.no_grad():
+        lbn.weight.copy_(torch.tensor([1.0, 5.0, 0.5]))
+    x = torch.randn(16, 3, 4, 4) * torch.tensor([0.1, 1.0, 3.0]).view(1, 3, 1, 1)
+    for mode in (True, False):
+        lbn.train(mode)
+        y = lbn(x)
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        gains = (lbn.weight.detach().abs() / (var + lbn.eps).sqrt())
+        scale = min(1.0, 2.0 / gains.max().item())
+        # y - b = scale * w (x - mean) / sqrt(var + eps): per-channel slope = scale * gains <= gamma
+        slope = ((y - lbn.bias.view(1, 3, 1, 1)) / (x - x.mean(dim=(0, 2, 3), keepdim=True))).detach()
+        per_channel = slope.transpose(0, 1).reshape(3, -1).median(dim=1).values
+        assert torch.allclose(per_channel, scale * gains, rtol=1e-4)
+        assert per_channel.abs().max().item() <= 2.0 * (1 + 1e-5)
+    assert lbn.lipschitz_constant().item() == pytest.approx(2.0)

@@ -1,0 +1,305 @@
+"""Real spectral normalization of convolutions (paper §3.4.1, Ryu et al. 2019)."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lcnnify.errors import ConversionError, ShapeChangeWarning
+from lcnnify.nn import (ConvSpectralNorm, conv_operator_norm, conv_spectral_norm, find_conv_spectral_norm,
+                        is_lcnn_layer, linear_spectral_norm)
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# ---------------------------------------------------------------- helpers (test-only, not in the package)
+def conv_apply(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What nn.ConvNd computes (without bias) with `weight`: F.conv with the layer's padding / padding_mode."""
+    f = FCONV[len(conv.kernel_size)]
+    warnings.filterwarnings("ignore", message="Using padding='same'")  # torch's note on even kernels
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return f(x, weight, None, conv.stride, 0, conv.dilation, conv.groups)
+    return f(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_operator_matrix(conv: nn.Module, input_shape, weight: torch.Tensor) -> torch.Tensor:
+    """Dense matrix of x -> conv(x) (no bias) on inputs of shape input_shape: push an identity basis through."""
+    n = math.prod(input_shape)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *input_shape)
+    with torch.no_grad():
+        out = conv_apply(conv, basis, weight.detach().double())
+    return out.reshape(n, -1).t()
+
+
+def top_singular_value(m: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(m, 2).item()
+
+
+@st.composite
+def conv_configs(draw):
+    nd = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = groups * draw(st.integers(1, 2))
+    cout = groups * draw(st.integers(1, 3))
+    kmax = {1: 5, 2: 4, 3: 3}[nd]
+    kernel = tuple(draw(st.integers(1, kmax)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding_kind = draw(st.sampled_from(["int", "int", "same", "valid"]))
+    if padding_kind == "same":
+        stride = (1,) * nd
+        padding = "same"
+    else:
+        stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+        padding = "valid" if padding_kind == "valid" else tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    smax = {1: 16, 2: 7, 3: 4}[nd]
+    spatial = tuple(draw(st.integers(2, smax)) for _ in range(nd))
+    conv = CONV[nd](cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    padding_mode=mode, bias=draw(st.booleans()))
+    # validity: reflect needs pad < size, circular pad <= size; non-empty output
+    rp = conv._reversed_padding_repeated_twice
+    pads = [(rp[2 * (nd - 1 - i)], rp[2 * (nd - 1 - i) + 1]) for i in range(nd)]
+    for (l, r), s in zip(pads, spatial):
+        if mode == "reflect":
+            assume(max(l, r) < s)
+        if mode == "circular":
+            assume(max(l, r) <= s)
+    for (l, r), s, d, k in zip(pads, spatial, dilation, kernel):
+        assume(s + l + r - d * (k - 1) >= 1)
+    assume(cin * math.prod(spatial) <= 200)
+    return conv, (cin, *spatial)
+
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+# ---------------------------------------------------------------- operator norm and adjoint
+@SETTINGS
+@given(cfg=conv_configs(), lazy=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_conv_operator_norm_is_one_after_warmup_for_any_configuration(cfg, lazy, seed):
+    conv, shape = cfg
+    torch.manual_seed(seed)
+    if lazy:
+        conv_spectral_norm(conv)
+        with torch.no_grad():
+            conv(torch.randn(2, *shape))  # learns the shape, warms up, then one training iteration
+    else:
+        conv_spectral_norm(conv, input_shape=shape)
+    assert find_conv_spectral_norm(conv).input_shape == shape
+    conv.eval()
+    s = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
+    # sigma is estimated from below, so the normalized norm is >= 1 (up to float32 rounding)
+    assert 1 - 1e-4 <= s <= 1 + 1e-2, s
+    # and the same holds with the estimate the layer keeps in training mode
+    conv.train()
+    s_train = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
+    assert 1 - 1e-4 <= s_train <= 1 + 1e-2, s_train
+
+
+@SETTINGS
+@given(cfg=conv_configs(), seed=st.integers(0, 2 ** 16))
+def test_conv_adjoint_is_exact_and_forward_is_the_layer_itself(cfg, seed):
+    conv, shape = cfg
+    conv = conv.double()
+    torch.manual_seed(seed)
+    conv_spectral_norm(conv, input_shape=shape, warmup_iterations=0)
+    sn = find_conv_spectral_norm(conv)
+    op = sn._op
+    w = conv.parametrizations.weight.original.detach()
+    v = torch.randn(1, *shape, dtype=torch.float64)
+    av = op.forward(v, w)
+    assert torch.allclose(av, conv_apply(conv, v, w), rtol=0, atol=1e-12)  # A is the conv the layer applies
+    u = torch.randn_like(av)
+    atu = op.adjoint(u, w)
+    assert atu.shape == v.shape
+    lhs, rhs = (av * u).sum().item(), (v * atu).sum().item()
+    scale = av.norm().item() * u.norm().item() + 1e-300
+    assert abs(lhs - rhs) <= 1e-10 * scale, (lhs, rhs)
+    # adjoint equals the transpose of the dense operator matrix
+    m = conv_operator_matrix(conv, shape, w)
+    assert torch.allclose(atu.reshape(-1), m.t() @ u.reshape(-1), rtol=0, atol=1e-10 * (1 + u.norm().item()))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_sigma_matches_dense_norm_of_raw_weight(mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode=mode, groups=1)
+    raw = conv.weight.detach().clone()
+    conv_spectral_norm(conv, input_shape=(3, 8, 9))
+    true = top_singular_value(conv_operator_matrix(conv, (3, 8, 9), raw))
+    sigma = find_conv_spectral_norm(conv).sigma.item()
+    assert true * (1 - 1e-3) <= sigma <= true * (1 + 1e-5)
+    assert conv_operator_norm(conv).item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_warmup_beats_power_iteration_on_a_wide_spectrum():
+    # Lanczos warm-up: 15 iterations reach the top singular value far more closely than 15 power iterations
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 4, 5, padding=2)
+    raw = conv.weight.detach().clone()
+    true = top_singular_value(conv_operator_matrix(conv, (4, 64), raw))
+    conv_spectral_norm(conv, input_shape=(4, 64))
+    err = 1 - find_conv_spectral_norm(conv).sigma.item() / true
+    assert -1e-5 <= err <= 5e-3
+
+
+# ---------------------------------------------------------------- state, modes, shapes
+def _trained_conv(seed=0, shape=(3, 8, 8)):
+    torch.manual_seed(seed)
+    conv = conv_spectral_norm(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    for _ in range(3):
+        conv.zero_grad()
+        conv(torch.randn(2, *shape)).square().mean().backward()
+        with torch.no_grad():
+            for p in conv.parameters():
+                p -= 0.1 * p.grad
+    return conv
+
+
+def test_state_dict_round_trip_into_fresh_lazy_conv():
+    conv = _trained_conv()
+    sd = conv.state_dict()
+    assert sd["parametrizations.weight.0.v"].shape == (1, 3, 8, 8)
+    assert sd["parametrizations.weight.0.u"].shape == (1, 4, 8, 8)
+    torch.manual_seed(123)
+    fresh = conv_spectral_norm(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    assert find_conv_spectral_norm(fresh).input_shape is None
+    fresh.load_state_dict(sd, strict=True)
+    sn = find_conv_spectral_norm(fresh)
+    assert sn.input_shape == (3, 8, 8)
+    conv.eval(), fresh.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShapeChangeWarning)
+        assert torch.equal(conv(x), fresh(x))
+    assert torch.equal(sn.v, find_conv_spectral_norm(conv).v)
+    # and a never-run (still lazy) checkpoint loads into another lazy layer
+    lazy_sd = conv_spectral_norm(nn.Conv2d(3, 4, 3)).state_dict()
+    other = conv_spectral_norm(nn.Conv2d(3, 4, 3))
+    other.load_state_dict(lazy_sd)
+    assert find_conv_spectral_norm(other).input_shape is None
+
+
+def test_remove_parametrizations_bakes_normalized_weight():
+    conv = _trained_conv().eval()
+    w = conv.weight.detach().clone()
+    x = torch.randn(2, 3, 8, 8)
+    y = conv(x)
+    parametrize.remove_parametrizations(conv, "weight")
+    assert type(conv) is nn.Conv2d and not is_lcnn_layer(conv)
+    assert torch.equal(conv.weight.detach(), w)
+    assert torch.allclose(conv(x), y)
+    conv(torch.randn(1, 3, 5, 5))  # the left-over pre-hook is a no-op
+
+
+def test_new_input_shape_reinitializes_and_warns_once():
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, stride=2, padding=1))
+    sn = find_conv_spectral_norm(conv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShapeChangeWarning)
+        conv(torch.randn(1, 2, 6, 6))  # the first shape is learned silently
+    assert sn.input_shape == (2, 6, 6) and sn.v.shape == (1, 2, 6, 6) and sn.u.shape == (1, 3, 3, 3)
+    conv.eval()  # re-initialisation happens in any mode
+    with pytest.warns(ShapeChangeWarning):
+        conv(torch.randn(1, 2, 10, 7))
+    assert sn.input_shape == (2, 10, 7) and sn.v.shape == (1, 2, 10, 7) and sn.u.shape == (1, 3, 5, 4)
+    s = top_singular_value(conv_operator_matrix(conv, (2, 10, 7), conv.weight))
+    assert 1 - 1e-4 <= s <= 1 + 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShapeChangeWarning)
+        conv(torch.randn(1, 2, 5, 5))  # warned once per layer
+        conv(torch.randn(2, 5, 5))  # unbatched input: shape (C, H, W)
+    assert sn.input_shape == (2, 5, 5)
+
+
+def test_eval_mode_does_not_change_u_v_and_training_mode_does():
+    conv = _trained_conv()
+    sn = find_conv_spectral_norm(conv)
+    u, v = sn.u.clone(), sn.v.clone()
+    conv.eval()
+    for _ in range(3):
+        conv(torch.randn(2, 3, 8, 8))
+    assert torch.equal(sn.u, u) and torch.equal(sn.v, v)
+    conv.train()
+    conv(torch.randn(2, 3, 8, 8))
+    assert not torch.equal(sn.v, v)
+
+
+def test_gradient_flows_to_raw_weight_through_sigma():
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1).double(), input_shape=(2, 5, 5)).eval()
+    sn = find_conv_spectral_norm(conv)
+    raw = conv.parametrizations.weight.original
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    conv(x).square().sum().backward()
+    g = raw.grad.clone()
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    # reference: W / ||A_W v|| with the stored v, sigma differentiated (Miyato)
+    w = raw.detach().clone().requires_grad_(True)
+    wn = w / conv_apply(conv, sn.v, w).norm()
+    F.conv2d(x, wn, conv.bias, padding=1).square().sum().backward()
+    assert torch.allclose(g, w.grad, rtol=1e-10, atol=1e-12)
+    # training mode: finite, non-zero gradient too
+    conv.train()
+    raw.grad = None
+    conv(x).square().sum().backward()
+    assert torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
+
+
+def test_power_iteration_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_shape=(3, 8, 8))
+    sn = find_conv_spectral_norm(conv)
+    conv.eval()
+    w_ref = conv.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = conv.weight
+        y = conv(torch.randn(1, 3, 8, 8))
+    assert w.dtype == torch.float32 and torch.equal(w, w_ref)
+    assert y.dtype == torch.bfloat16
+    assert sn.u.dtype == sn.v.dtype == torch.float32
+
+
+def test_deepcopy_keeps_independent_state():
+    conv = _trained_conv()
+    clone = copy.deepcopy(conv)
+    with pytest.warns(ShapeChangeWarning):
+        clone(torch.randn(1, 3, 6, 6))
+    assert find_conv_spectral_norm(clone).input_shape == (3, 6, 6)
+    assert find_conv_spectral_norm(conv).input_shape == (3, 8, 8)
+
+
+def test_refuses_non_convs_and_double_registration():
+    with pytest.raises(ConversionError):
+        conv_spectral_norm(nn.Linear(3, 4))
+    with pytest.raises(ConversionError):
+        conv_spectral_norm(nn.ConvTranspose2d(3, 4, 3))
+    conv = conv_spectral_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ConversionError, match="already"):
+        conv_spectral_norm(conv)
+    with pytest.raises(ValueError):
+        conv_spectral_norm(nn.Conv2d(3, 4, 3), input_shape=(5, 8, 8))  # wrong channel count
+
+
+def test_linear_spectral_norm_is_exact_and_detected():
+    torch.manual_seed(0)
+    lin = linear_spectral_norm(nn.Linear(7, 5))
+    assert torch.linalg.matrix_norm(lin.weight.detach(), 2).item() == pytest.approx(1.0, abs=1e-3)
+    assert is_lcnn_layer(lin)
+    assert is_lcnn_layer(conv_spectral_norm(nn.Conv1d(2, 2, 3)))
+    assert not is_lcnn_layer(nn.Conv1d(2, 2, 3)) and not is_lcnn_layer(nn.Linear(2, 2))
+    with pytest.raises(ConversionError):
+        linear_spectral_norm(lin)
+    assert isinstance(lin.parametrizations.weight[0], nn.Module)
+    assert not isinstance(lin.parametrizations.weight[0], ConvSpectralNorm)
