@@ -32,6 +32,7 @@ from ..nn import (CenteredSoftplus, LipschitzBatchNorm, conv_spectral_norm, is_l
                   linear_spectral_norm)
 from ..nn.batchnorm_act import LipschitzBatchNormAct
 from . import rules as R
+from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
 from .trace import graph_signature, trace
 
@@ -160,6 +161,8 @@ class Converter:
         for node in list(graph.nodes):
             rule = R.match(node, modules)
             if rule is None:
+                if node.op == "call_module":
+                    self._convert_fused_act(modules[node.target], _join(prefix, node.target))
                 self._report_voiding(node, modules, prefix, tensorish)
                 continue
             site_path = self._site_path(node)
@@ -213,6 +216,17 @@ class Converter:
                     _redirect_inplace_readers(new_node, order)
         graph.lint()
         gm.recompile()
+
+    def _convert_fused_act(self, module: nn.Module, path: str) -> None:
+        """Norm+act leaves we keep (timm GroupNormAct, LayerNormAct...): convert their ``act`` child."""
+        act = getattr(module, "act", None)
+        if not isinstance(act, nn.Module) or self._skipped(_join(path, "act"), act):
+            return
+        rule = R.rule_for_module(act)
+        if rule is not None and rule.family in ("relu", "smooth"):
+            new = self._activation(act, _join(path, "act"), None)
+            if new is not None:
+                module.act = new
 
     def _propagate_shapes(self, gm: fx.GraphModule) -> None:
         if self.example_inputs is None:
@@ -276,16 +290,20 @@ class Converter:
     def _conv(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
         if is_lcnn_layer(module) or not self.config.spectral_norm_conv:
             return None
+        original = type(module).__name__
         if type(module).forward not in _PLAIN_CONV_FORWARDS:
             # a conv subclass with its own forward (dynamic same padding, weight standardization...)
-            self._left(path, type(module).__name__,
-                       "conv subclass with its own forward: its operator is not the plain convolution, so "
-                       "it is not spectrally normalized", voids=True)
-            return None
+            adapter = adapter_for(module)
+            if adapter is None:
+                self._left(path, original, "conv subclass with its own forward: its operator is not known to be "
+                           "the plain convolution, so it is not spectrally normalized", voids=True)
+                return None
+            if not self.dry_run:
+                module = adapter(module)
         if not self.dry_run:
             conv_spectral_norm(module, n_power_iterations=self.config.power_iterations,
                                warmup_iterations=self.config.warmup_iterations)
-        self.report.converted.append(Converted(path, "conv", type(module).__name__, "ConvSpectralNorm",
+        self.report.converted.append(Converted(path, "conv", original, "ConvSpectralNorm",
                                                node.name if node is not None else ""))
         return module
 

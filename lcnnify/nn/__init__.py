@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from .centered_softplus import CenteredSoftplus, centered_softplus
 from .lipschitz_batchnorm import LipschitzBatchNorm
 from .batchnorm_act import LipschitzBatchNormAct
+from .weight_standardization import WeightStandardization
 from .spectral_norm import (ConvSpectralNorm, conv_operator_norm, conv_spectral_norm, find_conv_spectral_norm,
                             linear_spectral_norm)
 
@@ -28,6 +29,7 @@ __all__ = [
     "linear_spectral_norm",
     "LipschitzBatchNorm",
     "LipschitzBatchNormAct",
+    "WeightStandardization",
     "is_lcnn_layer",
 ]
 

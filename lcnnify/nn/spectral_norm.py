@@ -164,6 +164,22 @@ def _warmup(op: _ConvOperator, w: Tensor, v0: Tensor, iterations: int, eps: floa
     return _normalize(y.matmul(basis[:m]).view_as(v), eps)
 
 
+def _tf_same_rpad(spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                  dilation: Sequence[int]) -> tuple[int, ...]:
+    """F.pad amounts (last dim first) of TF/timm "same" padding: total max((ceil(i/s)-1)s + (k-1)d + 1 - i, 0),
+    split left = total // 2, right = the rest (timm.layers.padding.pad_same)."""
+    pads: list[int] = []
+    for i, k, st, d in reversed(list(zip(spatial, kernel, stride, dilation))):
+        total = max((math.ceil(i / st) - 1) * st + (k - 1) * d + 1 - i, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def _uses_dynamic_same_padding(conv: nn.Module) -> bool:
+    """timm's Conv2dSame (and the *Same std convs with dynamic padding) pad the input in forward."""
+    return type(conv).__name__ == "Conv2dSame" or bool(getattr(conv, "same_pad", False))
+
+
 def _conv_geometry(conv: nn.Module) -> dict:
     if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or getattr(conv, "transposed", False):
         raise ConversionError(
@@ -177,7 +193,7 @@ def _conv_geometry(conv: nn.Module) -> dict:
     return dict(ndim=nd, stride=tuple(conv.stride), dilation=tuple(conv.dilation), groups=int(conv.groups),
                 padding_mode=str(conv.padding_mode), rpad=tuple(int(p) for p in conv._reversed_padding_repeated_twice),
                 kernel_size=tuple(conv.kernel_size), in_channels=int(conv.in_channels),
-                out_channels=int(conv.out_channels))
+                out_channels=int(conv.out_channels), dynamic_same=_uses_dynamic_same_padding(conv))
 
 
 class ConvSpectralNorm(nn.Module):
@@ -242,7 +258,7 @@ class ConvSpectralNorm(nn.Module):
 
     def reset(self, input_shape: Sequence[int], weight: Tensor) -> None:
         """Set the input shape, re-initialise v randomly and warm up u, v with ``warmup_iterations`` (no grad)."""
-        op = _ConvOperator(self._geometry, tuple(int(s) for s in input_shape))
+        op = self._make_op(tuple(int(s) for s in input_shape))
         cd = _compute_dtype(weight.dtype)
         with torch.no_grad(), _no_autocast(weight.device.type):
             w = weight.detach().to(cd)
@@ -257,11 +273,18 @@ class ConvSpectralNorm(nn.Module):
         self.v = v.to(bd)
         self.__dict__["_last_sigma"] = sigma
 
+    def _make_op(self, input_shape: tuple[int, ...]) -> "_ConvOperator":
+        geometry = self._geometry
+        if geometry.get("dynamic_same"):  # TF-style "same" padding computed from the input size (timm)
+            geometry = dict(geometry, rpad=_tf_same_rpad(input_shape[1:], geometry["kernel_size"],
+                                                         geometry["stride"], geometry["dilation"]))
+        return _ConvOperator(geometry, input_shape)
+
     def _set_shape_from_buffers(self) -> None:
         if self.v.numel() == 0:
             self._op = None
         else:
-            self._op = _ConvOperator(self._geometry, tuple(self.v.shape[1:]))
+            self._op = self._make_op(tuple(self.v.shape[1:]))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -352,7 +375,18 @@ def _conv_sn_pre_hook(module: nn.Module, args) -> None:
             f"spectrally normalized {type(module).__name__} saw input shape {shape} instead of "
             f"{sn._op.input_shape}: power iteration re-initialised ({sn.warmup_iterations} warm-up iterations); "
             f"sigma now refers to the new shape (warned once per layer)", ShapeChangeWarning, stacklevel=3)
-    sn.reset(shape, module.parametrizations["weight"].original)
+    sn.reset(shape, _weight_before(module, sn))
+
+
+def _weight_before(module: nn.Module, sn: "ConvSpectralNorm") -> Tensor:
+    """The weight that enters ``sn`` in the parametrization chain (e.g. after a weight standardization)."""
+    plist = module.parametrizations["weight"]
+    w = plist.original
+    for p in plist:
+        if p is sn:
+            break
+        w = p(w)
+    return w
 
 
 def conv_spectral_norm(conv: nn.Module, *, input_shape: Sequence[int] | None = None, n_power_iterations: int = 1,

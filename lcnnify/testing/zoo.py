@@ -41,10 +41,10 @@ TORCHVISION_MODELS: list[str] = [
     "squeezenet1_0", "alexnet", "vgg11_bn", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
 ]
 #: the fast representative slice that runs in the default test suite
-FAST_SLICE: list[str] = ["timm:tf_efficientnet_b0", "timm:dm_nfnet_f0", "timm:vgg11_bn",
-                         "torchvision:googlenet", "torchvision:mobilenet_v3_small"]
+FAST_SLICE: list[str] = ["timm:tf_efficientnet_b0", "timm:resnetv2_50x1_bit", "torchvision:googlenet",
+                         "torchvision:mobilenet_v3_small"]
 #: minimum input sizes (the architecture needs more than 32x32)
-MIN_SIZE: dict[str, int] = {"inception_v3": 75, "alexnet": 63, "googlenet": 32}
+MIN_SIZE: dict[str, int] = {"inception_v3": 75, "alexnet": 63, "googlenet": 32, "dm_nfnet_f0": 64}
 
 _RELU_FUNCS = {"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "hardtanh"}
 
