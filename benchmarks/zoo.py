@@ -32,6 +32,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     for spec in tqdm(specs, desc="zoo"):
         results.append(check_model(spec, size=args.size))
+        _write(results, args)  # after every model, so a long sweep leaves a partial table
+
+
+def _write(results, args) -> None:
     rows = ["| model | traced | converted | left | voiding ops | train step | check | convert (s) |",
             "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -47,7 +51,6 @@ def main() -> None:
                f"{machine()['date']}, torch {machine()['torch']}")
     text = "# lcnnify zoo coverage\n\n" + summary + "\n\n" + "\n".join(rows) + "\n"
     Path(args.out + ".md").write_text(text)
-    print(text)
     write_json(Path(args.out + ".json"), {"machine": machine(), "summary": summary,
                                           "results": [asdict(r) for r in results]})
 

@@ -222,7 +222,7 @@ def _act_mish() -> _Act:
 
 
 def _act_softplus(beta: float, name: str = "Softplus") -> _Act:
-    return _Act(1.0, beta / 4.0, beta, name)
+    return _Act(1.0, 0.0, beta, name)
 
 
 def _act_elu(alpha: float) -> _Act:
@@ -238,7 +238,9 @@ def _act_kink(slope: float, name: str) -> _Act:
 def _act_module(m: nn.Module) -> _Act | None:
     """Constants of an elementwise activation module, or None if ``m`` is not one we know."""
     if isinstance(m, CenteredSoftplus):
-        b = float(m.beta.detach().max())
+        # the forward computes beta = exp(log_beta) in float32 or float64: take the larger of the two
+        lb = m.log_beta.detach()
+        b = max(float(lb.exp().max()), float(lb.to(torch.float64).exp().max()))
         return _act_softplus(b, "CenteredSoftplus")
     if isinstance(m, nn.Identity):
         return _Act(1.0, 0.0, 0.0, "Identity")
@@ -1148,7 +1150,7 @@ class _Graph:
             mult *= max(cover) if cover else 1
         a = math.sqrt(mult)
         self._void(node, f"max-pool is not differentiable: curvature unbounded (Lipschitz factor sqrt({mult}) "
-                         f"= {_fmt(a)}: each input lies in up to {mult} windows)")
+                         f"= {_fmt(a)}: an input element lies in up to {mult} window(s))")
         return self._apply(node, self.state[src], [(a, _INF, _INF)])
 
     def _adaptive_maxpool(self, node: fx.Node, src: fx.Node) -> tuple[float, float]:
@@ -1341,7 +1343,7 @@ def bound(model: nn.Module, input_shape: Any, *, certify: bool = True, dense_lim
                     raise
                 raise MeasurementError(
                     f"bound(): the model failed on an input of shape (1, {', '.join(map(str, shape))}): "
-                    f"{type(e).__name__}: {str(e)[:300]}. Fix: pass input_shape = the shape of one input "
+                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}. Fix: pass input_shape = the shape of one input "
                     f"without the batch dimension, e.g. (3, 32, 32)") from e
     finally:
         for m, tr in modes.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyCNN
+from lcnnify.testing.models import TinyCNN
 from lcnnify.data import digits
 from lcnnify.metrics import pgd_l2
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm

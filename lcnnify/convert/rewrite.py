@@ -83,6 +83,8 @@ class Converter:
     # ================================================================== entry point
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
         """Convert ``module`` (whose path in the user's model is ``prefix``); returns the converted module."""
+        if is_lcnn_layer(module):  # already an LCNN layer (hand-built, or converted above): nothing to do
+            return module
         rule = R.rule_for_module(module)
         if rule is not None:  # a bare layer (e.g. the model IS a conv, or a fallback child)
             return self._convert_leaf_module(module, rule, prefix)
@@ -161,7 +163,7 @@ class Converter:
         for node in list(graph.nodes):
             rule = R.match(node, modules)
             if rule is None:
-                if node.op == "call_module":
+                if node.op == "call_module" and id(modules[node.target]) not in self._opaque_ids:
                     self._convert_fused_act(modules[node.target], _join(prefix, node.target))
                 self._report_voiding(node, modules, prefix, tensorish)
                 continue

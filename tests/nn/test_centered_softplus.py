@@ -38,14 +38,15 @@ def ref_ds0_dbeta(x: float, b: float) -> float:
     return float((t / (1 + mpmath.exp(-t)) - mpmath.log((1 + mpmath.exp(t)) / 2)) / b ** 2)
 
 
-def _eval(x_list, beta, dtype):
-    """values, d/dx and d/dbeta (per element) of the functional form in `dtype` (beta per element)."""
+def _eval(x_list, beta, dtype, create_graph=False):
+    """values, d/dx and d/dbeta (per element) of the functional form in `dtype` (beta per element).
+    create_graph=True takes the differentiable (double-backward) path of the backward."""
     x = torch.tensor(x_list, dtype=dtype, requires_grad=True)
     b = torch.full_like(x, beta, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     b.requires_grad_(True)
     y = centered_softplus(x, b)
-    gx, gb = torch.autograd.grad(y.sum(), (x, b))
-    return y.detach(), gx, gb
+    gx, gb = torch.autograd.grad(y.sum(), (x, b), create_graph=create_graph)
+    return y.detach(), gx.detach(), gb.detach()
 
 
 def _close(got: torch.Tensor, want: list[float], rtol: float, atol: float) -> None:
@@ -72,9 +73,12 @@ def test_gradients_wrt_x_and_beta_match_reference_for_any_beta(x_list, beta):
     for dtype, rtol, atol in ((torch.float32, 2e-5, 1e-37), (torch.float64, 1e-11, 1e-300)):
         xq = torch.tensor(x_list, dtype=dtype).double().tolist()
         bq = float(torch.tensor(beta, dtype=dtype))
-        _, gx, gb = _eval(xq, beta, dtype)
-        _close(gx, [ref_ds0_dx(v, bq) for v in xq], rtol=rtol, atol=atol)
-        _close(gb, [ref_ds0_dbeta(v, bq) for v in xq], rtol=rtol, atol=atol)
+        want_x = [ref_ds0_dx(v, bq) for v in xq]
+        want_b = [ref_ds0_dbeta(v, bq) for v in xq]
+        for create_graph in (False, True):  # first-order fast path and differentiable path
+            _, gx, gb = _eval(xq, beta, dtype, create_graph)
+            _close(gx, want_x, rtol=rtol, atol=atol)
+            _close(gb, want_b, rtol=rtol, atol=atol)
 
 
 @SETTINGS

@@ -80,7 +80,7 @@ def conv_configs(draw):
     return conv, (cin, *spatial)
 
 
-SETTINGS = settings(max_examples=30, deadline=None)
+SETTINGS = settings(max_examples=50, deadline=None)
 
 
 # ---------------------------------------------------------------- operator norm and adjoint
@@ -88,6 +88,8 @@ SETTINGS = settings(max_examples=30, deadline=None)
 @given(cfg=conv_configs(), lazy=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_conv_operator_norm_is_one_after_warmup_for_any_configuration(cfg, lazy, seed):
     conv, shape = cfg
+    # a configuration whose outputs only read padding is the zero operator: nothing to normalize
+    assume(top_singular_value(conv_operator_matrix(conv, shape, conv.weight)) > 1e-6)
     torch.manual_seed(seed)
     if lazy:
         conv_spectral_norm(conv)
@@ -98,12 +100,12 @@ def test_conv_operator_norm_is_one_after_warmup_for_any_configuration(cfg, lazy,
     assert find_conv_spectral_norm(conv).input_shape == shape
     conv.eval()
     s = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
-    # sigma is estimated from below, so the normalized norm is >= 1 (up to float32 rounding)
-    assert 1 - 1e-4 <= s <= 1 + 1e-2, s
+    # sigma is estimated from below, so the normalized norm is >= 1 (up to float32 rounding); DESIGN §2: 1e-3
+    assert 1 - 1e-4 <= s <= 1 + 1e-3, s
     # and the same holds with the estimate the layer keeps in training mode
     conv.train()
     s_train = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
-    assert 1 - 1e-4 <= s_train <= 1 + 1e-2, s_train
+    assert 1 - 1e-4 <= s_train <= 1 + 1e-3, s_train
 
 
 @SETTINGS
@@ -138,19 +140,26 @@ def test_sigma_matches_dense_norm_of_raw_weight(mode):
     conv_spectral_norm(conv, input_shape=(3, 8, 9))
     true = top_singular_value(conv_operator_matrix(conv, (3, 8, 9), raw))
     sigma = find_conv_spectral_norm(conv).sigma.item()
-    assert true * (1 - 1e-3) <= sigma <= true * (1 + 1e-5)
+    assert true * (1 - 1e-4) <= sigma <= true * (1 + 1e-5)
     assert conv_operator_norm(conv).item() == pytest.approx(1.0, abs=2e-3)
 
 
-def test_warmup_beats_power_iteration_on_a_wide_spectrum():
-    # Lanczos warm-up: 15 iterations reach the top singular value far more closely than 15 power iterations
+def test_warmup_reaches_1e4_on_a_wide_spectrum_where_power_iteration_does_not():
+    # a near-continuum at the top of the spectrum (long 1d input): 15 power iterations stay ~3 % below ||A||;
+    # the adaptive Lanczos warm-up gets within 1e-4
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 4, 5, padding=2)
     raw = conv.weight.detach().clone()
     true = top_singular_value(conv_operator_matrix(conv, (4, 64), raw))
     conv_spectral_norm(conv, input_shape=(4, 64))
-    err = 1 - find_conv_spectral_norm(conv).sigma.item() / true
-    assert -1e-5 <= err <= 5e-3
+    sn = find_conv_spectral_norm(conv)
+    err = 1 - sn.sigma.item() / true
+    assert -1e-5 <= err <= 1e-4
+    v = torch.randn(1, 4, 64)
+    for _ in range(15):
+        v = sn._op.adjoint(sn._op.forward(v, raw), raw)
+        v = v / v.norm()
+    assert 1 - sn._op.forward(v, raw).norm().item() / true > 1e-2
 
 
 # ---------------------------------------------------------------- state, modes, shapes

@@ -1,0 +1,626 @@
+"""The ``lcnnify`` command (also ``python -m lcnnify``).
+
+    lcnnify demo [--out DIR] [--quick]              Fig. 1, Tables 1-3 and Fig. 2 of the paper in miniature
+    lcnnify convert timm:resnet18 [--input-size 3 224 224] [--num-classes N] [--out converted.pt]
+    lcnnify train --model small_cnn --dataset digits --method lcnn [--epochs 200] [--out run.pt]
+    lcnnify evaluate run.pt [--dataset digits]      Table 1/2/3 rows of a trained model
+
+Anticipated errors (unknown model, missing dataset files, bad input size, unwritable output, unreadable
+checkpoint, a model that cannot be converted) print ``lcnnify: error: <message>`` on stderr and exit with status
+2 (bad input) or 1 (a failure while running); anything else is a bug and shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+PROG = "lcnnify"
+CHECKPOINT_FORMAT = "lcnnify.cli/1"
+
+
+class CLIError(Exception):
+    """An anticipated user error: printed as ``lcnnify: error: <message>``, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _input_size(values: Sequence[int] | None, spec: str, default: Sequence[int]) -> tuple[int, ...]:
+    """Validate ``--input-size``: C H W (3 positive integers); vector models (``mlp``) take any number."""
+    from .models import parse_model_spec
+
+    if values is None:
+        return tuple(default)
+    shape = tuple(values)
+    is_vector_model = parse_model_spec(spec) == ("builtin", "mlp")
+    if not is_vector_model and len(shape) != 3:
+        raise CLIError(f"--input-size takes 3 numbers C H W (channels, height, width), e.g. --input-size 3 224 "
+                       f"224; got {len(shape)}: {' '.join(map(str, shape))}")
+    bad = [s for s in shape if s < 1]
+    if bad:
+        raise CLIError(f"--input-size: every dimension must be a positive integer, got "
+                       f"{' '.join(map(str, shape))}")
+    if is_vector_model is False and shape[0] > 64:
+        raise CLIError(f"--input-size {' '.join(map(str, shape))}: {shape[0]} input channels? The order is C H W "
+                       "(channels first), e.g. --input-size 3 224 224")
+    return shape
+
+
+def _check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Create the parent directory if needed and check that a file can be written there (before long work)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CLIError(f"{what} {str(p)!r} is a directory; give a file name, e.g. {str(p / 'model.pt')!r}")
+    parent = p.parent
+    for anc in (parent, *parent.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                raise CLIError(f"cannot write the {what} {str(p)!r}: {str(anc)!r} is a file, not a directory")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".lcnnify-write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CLIError(f"cannot write the {what} {str(p)!r}: {reason} ({str(parent)!r} is not a writable "
+                       "directory)") from None
+    return p
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(f"cannot write {str(path)!r}: {exc.strerror or exc}", code=1) from None
+
+
+def _default_device(name: str | None) -> str:
+    import torch
+
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build_model(spec: str, num_classes: int, shape: Sequence[int], width: int = 16) -> Any:
+    from .models import UnknownModelError, create_model
+
+    try:
+        return create_model(spec, num_classes=num_classes, input_shape=shape, width=width)
+    except UnknownModelError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _check_accepts(model: Any, spec: str, shape: Sequence[int]) -> None:
+    """Run the model once on zeros of ``shape``: a clear message instead of a deep traceback when the input size
+    does not fit the architecture (e.g. too small for its down-sampling)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, device=next(iter(model.parameters())).device))
+    except Exception as exc:  # noqa: BLE001 - any failure here means: this input size does not fit the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{spec} does not accept inputs of size {' '.join(map(str, shape))} (C H W): "
+                       f"{type(exc).__name__}: {first}. Use a larger --input-size / --image-size or the number of "
+                       "channels the model expects.") from None
+    finally:
+        model.train(was)
+
+
+def _default_input_size(model: Any, spec: str) -> tuple[int, ...]:
+    from .models import parse_model_spec
+
+    source, name = parse_model_spec(spec)
+    if source == "timm":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        return tuple(size) if size else (3, 224, 224)
+    if source == "torchvision":
+        return (3, 299, 299) if name.startswith("inception") else (3, 224, 224)
+    return (2,) if name == "mlp" else (1, 8, 8)
+
+
+def _compute_bound(model: Any, shape: Sequence[int], mode: str) -> tuple[Any, str | None]:
+    """(bound, None) or (None, reason). ``mode``: ``certified`` or ``estimate`` (power iteration, faster)."""
+    try:
+        from . import bound
+
+        return bound(model, tuple(shape), certify=(mode == "certified")), None
+    except Exception as exc:  # noqa: BLE001 - the bound is extra information; say why it is missing
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"{type(exc).__name__}{': ' + msg if msg else ''}"
+
+
+def _bound_lines(model: Any, shape: Sequence[int], mode: str) -> list[str]:
+    """The data-free curvature bound (lcnnify.bound), or ``bound: n/a (reason)`` when it cannot be computed."""
+    if mode == "none":
+        return ["bound: n/a (skipped: --bound none)"]
+    b, why = _compute_bound(model, shape, mode)
+    if b is None:
+        return [f"bound: n/a ({why})"]
+    lines = str(b).strip().splitlines() or ["?"]
+    return [f"bound: {lines[0]}", *lines[1:]]
+
+
+def _bound_dict(model: Any, shape: Sequence[int], mode: str) -> dict[str, Any]:
+    if mode == "none":
+        return {"available": False, "reason": "skipped (--bound none)"}
+    b, why = _compute_bound(model, shape, mode)
+    if b is None:
+        return {"available": False, "reason": why}
+    out: dict[str, Any] = {"available": True, "mode": mode}
+    for k in ("lipschitz", "logit_hessian", "loss_hessian", "theorem1", "certified", "reasons", "notes",
+              "seconds"):
+        if hasattr(b, k):
+            v = getattr(b, k)
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, check_output_dir, run_demo
+
+    try:
+        check_output_dir(args.out)
+    except OSError as exc:
+        raise CLIError(exc.strerror or str(exc)) from None
+    cfg = DemoConfig.quick_config() if args.quick else DemoConfig()
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("epochs", args.epochs), ("workers", args.workers))
+                 if v is not None}
+    if "workers" not in overrides and not args.quick:
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover
+            usable = os.cpu_count() or 1
+        overrides["workers"] = max(1, min(cfg.workers, usable))
+    run_demo(args.out, config=cfg, progress=not args.no_progress, **overrides)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert import lcnnify
+
+    out = _check_writable_file(args.out, "output file") if args.out else None
+    from .models import parse_model_spec
+
+    try:
+        source, name = parse_model_spec(args.model)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    num_classes = args.num_classes if args.num_classes is not None else (10 if source == "builtin" else 1000)
+    if args.input_size is not None:  # validate its form before building a (possibly large) model
+        shape = _input_size(args.input_size, args.model, ())
+        model = _build_model(args.model, num_classes, shape, args.width)
+    else:
+        build = (3, 224, 224) if source != "builtin" else ((2,) if name == "mlp" else (1, 8, 8))
+        model = _build_model(args.model, num_classes, build, args.width)
+        shape = _default_input_size(model, args.model)
+    _check_accepts(model, args.model, shape)
+    overrides = {k: v for k, v in (("beta0", args.beta0), ("gamma0", args.gamma0)) if v is not None}
+    t0 = time.perf_counter()
+    converted = lcnnify(model, example_inputs=torch.zeros(1, *shape), **overrides)
+    seconds = time.perf_counter() - t0
+    report = converted.lcnn_report
+    n_params = sum(p.numel() for p in converted.parameters())
+    if args.json:
+        print(json.dumps({"model": args.model, "input_size": list(shape), "num_classes": num_classes,
+                          "parameters": n_params, "conversion_seconds": seconds, "report": report.to_dict(),
+                          "bound": _bound_dict(converted, shape, args.bound)}, indent=2, default=str))
+    else:
+        print(f"{args.model} -> LCNN  (input size {' '.join(map(str, shape))}, {num_classes} classes, "
+              f"{n_params:,} parameters, converted in {seconds:.1f} s)")
+        print()
+        print(report)
+        print()
+        for line in _bound_lines(converted, shape, args.bound):
+            print(line)
+    if out is not None:
+        payload = {"format": CHECKPOINT_FORMAT, "model": args.model, "method": "lcnn", "num_classes": num_classes,
+                   "input_size": list(shape), "width": args.width, "lcnn_overrides": overrides,
+                   "state_dict": converted.state_dict(), "report": report.to_dict(), "trained": False}
+        _atomic_save(payload, out)
+        print(f"\nsaved the converted model to {out} (load it with `lcnnify evaluate {out} --dataset ...`, "
+              "or rebuild it with lcnnify(model, example_inputs=...) and load_state_dict(ckpt['state_dict']))",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _dataset_args(name: str, data_dir: str | None, image_size: int | None) -> tuple[int, tuple[int, ...]]:
+    from . import data
+
+    try:
+        shape = data.input_shape(name, image_size)
+    except ValueError as exc:
+        raise CLIError(f"{exc} -- pass --image-size N") from None
+    return data.num_classes(name, data_dir), shape
+
+
+def _subset(ds: Any, n: int | None) -> Any:
+    if n is None or n >= len(ds):
+        return ds
+    import torch
+
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return torch.utils.data.TensorDataset(*(t[:n] for t in ds.tensors))
+    return torch.utils.data.Subset(ds, range(n))
+
+
+def _check_data_dir(data_dir: str | None) -> None:
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        from .errors import DatasetNotFoundError
+
+        raise DatasetNotFoundError(f"data directory {data_dir!r} does not exist (lcnnify never downloads; put the "
+                                   "dataset files there first -- see `lcnnify train --help` for the layouts)")
+
+
+# ----------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data
+    from .train import METHODS, fit
+
+    if args.method not in METHODS:  # argparse choices already checks; keep for programmatic calls
+        raise CLIError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 200)
+    max_train = args.max_train_samples if args.max_train_samples is not None else (512 if args.quick else None)
+    max_test = args.max_test_samples if args.max_test_samples is not None else (256 if args.quick else None)
+    out = _check_writable_file(args.out or f"{args.dataset}-{args.method.replace('+', '_')}.pt", "checkpoint")
+    _check_data_dir(args.data_dir)
+    num_classes, shape = _dataset_args(args.dataset, args.data_dir, args.image_size)
+    augment = not args.no_augment and args.dataset != "digits"
+    train_ds = _subset(data.load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size,
+                                         augment=augment), max_train)
+    test_ds = _subset(data.load_dataset(args.dataset, args.data_dir, train=False, image_size=args.image_size),
+                      max_test)
+    device = _default_device(args.device)
+    torch.manual_seed(args.seed)
+    base = _build_model(args.model, num_classes, shape, args.width)
+    _check_accepts(base, args.model, shape)
+    base.to(device)
+    print(f"training {args.model} on {args.dataset} ({len(train_ds)} train / {len(test_ds)} test, input "
+          f"{' '.join(map(str, shape))}, {num_classes} classes) with method {args.method!r}: {epochs} epochs, batch "
+          f"{args.batch_size}, SGD lr {args.lr} momentum 0.9 (x0.1 at 75% and 87.5% of the epochs), weight decay "
+          f"{args.weight_decay}{', augmentation' if augment else ''}, device {device}", flush=True)
+    partial = out.with_name(out.name + ".partial")
+    history = out.with_name(out.name + ".history.json")
+    if partial.exists():
+        print(f"resuming from {partial}", flush=True)
+    try:
+        res = fit(base, train_ds, test_ds, method=args.method, epochs=epochs, batch_size=args.batch_size,
+                  lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=device,
+                  checkpoint=partial, history_path=history, progress=not args.no_progress,
+                  num_workers=args.num_workers)
+    except ValueError as exc:  # fit's argument checks, resume mismatches
+        raise CLIError(str(exc)) from None
+    except FloatingPointError as exc:
+        raise CLIError(str(exc), code=1) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume from {partial}", file=sys.stderr)
+        return 130
+    model = res.model.to("cpu")
+    last = res.history[-1]
+    secs = [h["seconds"] for h in res.history]
+    payload = {"format": CHECKPOINT_FORMAT, "model": args.model, "method": args.method, "dataset": args.dataset,
+               "image_size": args.image_size, "num_classes": num_classes, "input_size": list(shape),
+               "width": args.width, "lcnn_overrides": {}, "state_dict": model.state_dict(),
+               "history": res.history, "config": res.config, "trained": True}
+    _atomic_save(payload, out)
+    partial.unlink(missing_ok=True)
+    acc = last.get("test_acc")
+    print(f"done: train loss {last['loss']:.4f}, train acc {100 * last['train_acc']:.2f}%"
+          + (f", test acc {100 * acc:.2f}%" if acc is not None else "")
+          + f", {sum(secs) / len(secs):.2f} s/epoch")
+    print(f"saved {out} (history: {history}); evaluate it with: lcnnify evaluate {out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Rebuild the model of a ``lcnnify train`` / ``lcnnify convert --out`` checkpoint; returns (model, ckpt)."""
+    import pickle
+
+    import torch
+
+    from .train import METHODS, prepare_model
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CLIError(f"no checkpoint file {str(p)!r}" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise CLIError(f"cannot read {str(p)!r}: it is not a checkpoint written by torch.save "
+                       f"({type(exc).__name__})") from None
+    except (RuntimeError, ValueError, OSError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"cannot read {str(p)!r} as a checkpoint ({type(exc).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        hint = (" (it is a lcnnify.train.fit resume file; use the checkpoint written by `lcnnify train`)"
+                if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("lcnnify.train") else "")
+        raise CLIError(f"{str(p)!r} is not a checkpoint written by `lcnnify train` or `lcnnify convert --out`"
+                       + hint)
+    method = ckpt.get("method", "lcnn")
+    if method not in METHODS:
+        raise CLIError(f"{str(p)!r}: unknown method {method!r} in the checkpoint")
+    shape = tuple(ckpt["input_size"])
+    base = _build_model(ckpt["model"], int(ckpt["num_classes"]), shape, int(ckpt.get("width", 16)))
+    model = prepare_model(base, method, example_inputs=torch.zeros(1, *shape), **ckpt.get("lcnn_overrides", {}))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CLIError(f"{str(p)!r}: the saved weights do not fit {ckpt['model']} ({method}): "
+                       f"{str(exc).splitlines()[0]}", code=1) from None
+    return model.to(device).eval(), ckpt
+
+
+def _tensors(ds: Any) -> tuple[Any, Any]:
+    import torch
+
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds.tensors[0], ds.tensors[1]
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(list(xs)), torch.as_tensor(ys)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data
+    from .demo import METHOD_LABELS, PAPER_EPS, format_table
+    from .metrics import evaluate_geometry, robust_accuracy, train_test_discrepancy
+    from .train import evaluate as eval_acc
+
+    json_out = _check_writable_file(args.json, "JSON output") if args.json else None
+    device = _default_device(args.device)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    dataset = args.dataset or ckpt.get("dataset")
+    if dataset is None:
+        raise CLIError(f"{args.checkpoint} does not say which dataset it was trained on; pass --dataset")
+    image_size = args.image_size if args.image_size is not None else ckpt.get("image_size")
+    _check_data_dir(args.data_dir)
+    num_classes, shape = _dataset_args(dataset, args.data_dir, image_size)
+    if tuple(shape) != tuple(ckpt["input_size"]) or num_classes != int(ckpt["num_classes"]):
+        raise CLIError(f"{args.checkpoint} is a model for inputs {tuple(ckpt['input_size'])} with "
+                       f"{ckpt['num_classes']} classes, but {dataset} gives inputs {tuple(shape)} with {num_classes} "
+                       "classes (check --dataset / --image-size)")
+    n = args.max_samples if args.max_samples is not None else (64 if args.quick else 1000)
+    n_train = args.max_train_samples if args.max_train_samples is not None else n
+    iters = args.lanczos_iters if args.lanczos_iters is not None else (5 if args.quick else 20)
+    steps = args.pgd_steps if args.pgd_steps is not None else (2 if args.quick else 10)
+    eps = tuple(args.eps) if args.eps else PAPER_EPS
+    test_ds = _subset(data.load_dataset(dataset, args.data_dir, train=False, image_size=image_size), n)
+    train_ds = _subset(data.load_dataset(dataset, args.data_dir, train=True, image_size=image_size), n_train)
+    x, y = _tensors(test_ds)
+    xtr, ytr = _tensors(train_ds)
+    progress = not args.no_progress
+    label = f"{ckpt['model']} [{METHOD_LABELS.get(ckpt['method'], ckpt['method'])}]"
+    print(f"evaluating {label} from {args.checkpoint} on {dataset} ({len(y)} test / {len(ytr)} train samples for "
+          f"the geometry, {len(y)} for PGD with {steps} steps; Hessian norms by {iters}-step Lanczos)", flush=True)
+    if not ckpt.get("trained", True):
+        print("note: this checkpoint was converted but never trained (lcnnify convert)", flush=True)
+    acc = eval_acc(model, (x, y), device=device)["acc"]
+    gen = torch.Generator().manual_seed(0)
+    geo = evaluate_geometry(model, (x, y), iters=iters, progress=progress, generator=gen)
+    geo_tr = evaluate_geometry(model, (xtr, ytr), iters=iters, progress=progress, generator=gen)
+    disc = train_test_discrepancy(geo_tr, geo)
+    robust = robust_accuracy(model, (x, y), eps, steps=steps, progress=progress,
+                             generator=torch.Generator().manual_seed(1))
+    pm = lambda d: f"{d['mean']:.4g} ± {d['std']:.3g}"  # noqa: E731
+    print("\nTable 1 row (± is the std over samples)")
+    print(format_table(["Model", "E||grad f||", "E||Hess f||", "E C_f", "Accuracy (%)"],
+                       [[label, pm(geo["grad_norm"]), pm(geo["hessian_norm"]), pm(geo["curvature"]),
+                         f"{100 * acc:.2f}"]]))
+    print("\nTable 2 row: l2-PGD robust accuracy (%), eps on inputs in [0, 1]")
+    print(format_table(["Model", "Acc. (%)", *[f"eps={e:g}" for e in eps]],
+                       [[label, f"{100 * acc:.2f}", *[f"{100 * robust[float(e)]:.2f}" for e in eps]]]))
+    print("\nTable 3 row: train-test discrepancy |g(test) - g(train)| / g(test)")
+    print(format_table(["Model", "Δtt E||grad f||", "Δtt E||Hess f||", "Δtt E C_f"],
+                       [[label, f"{disc['grad_norm']:.4g}", f"{disc['hessian_norm']:.4g}",
+                         f"{disc['curvature']:.4g}"]]))
+    if json_out is not None:
+        result = {"checkpoint": str(args.checkpoint), "model": ckpt["model"], "method": ckpt["method"],
+                  "dataset": dataset, "test_samples": len(y), "train_samples": len(ytr), "accuracy": acc,
+                  "geometry_test": {k: geo[k] for k in ("grad_norm", "hessian_norm", "curvature", "accuracy")},
+                  "geometry_train": {k: geo_tr[k] for k in ("grad_norm", "hessian_norm", "curvature", "accuracy")},
+                  "discrepancy": disc, "robust_accuracy": {str(k): v for k, v in robust.items()},
+                  "pgd_steps": steps, "lanczos_iters": iters}
+        try:
+            json_out.write_text(json.dumps(result, indent=1))
+        except OSError as exc:
+            raise CLIError(f"cannot write {str(json_out)!r}: {exc.strerror or exc}", code=1) from None
+        print(f"\nwrote {json_out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+_DATA_HELP = """dataset layouts under --data-dir (default $LCNNIFY_DATA_DIR or ./data; nothing is downloaded):
+  cifar10:     DIR/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}  (cifar-10-python.tar.gz)
+  cifar100:    DIR/cifar-100-python/{train, test, meta}                             (cifar-100-python.tar.gz)
+  svhn:        DIR/train_32x32.mat, DIR/test_32x32.mat
+  imagefolder: DIR/train/<class>/<image> and DIR/val/<class>/<image> (or DIR/test); needs --image-size
+  digits:      no files (scikit-learn's 1797 8x8 handwritten digits)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .data import DATASETS
+    from .train import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Turn any CNN into a Low-Curvature Neural Network (Srinivas et al., NeurIPS 2022).",
+        epilog="Run `lcnnify demo` first: it reproduces the paper's Fig. 1, Tables 1-3 and Fig. 2 in miniature "
+               "on a CPU in a few minutes, with no download.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="the paper's Fig. 1, Tables 1-3, Fig. 2 in miniature (two moons, digits)",
+                       description="Fig. 1 (two moons: standard vs LCNN decision boundaries) and Tables 1-3 + "
+                                   "Fig. 2 on scikit-learn's digits with a small CNN converted by lcnnify, all "
+                                   "seven training methods of the paper, several seeds. Writes results.json, "
+                                   "results.md and two PNGs to --out and prints the tables.")
+    d.add_argument("--out", "-o", default="lcnnify-demo", help="output directory (default: ./lcnnify-demo)")
+    d.add_argument("--quick", action="store_true", help="a tiny version (seconds; for tests, numbers meaningless)")
+    d.add_argument("--seeds", type=_positive_int, help="seeds per method (default 3; quick 2)")
+    d.add_argument("--epochs", type=_positive_int, help="training epochs on digits (default 12; quick 1)")
+    d.add_argument("--workers", type=_positive_int,
+                   help="parallel single-threaded training processes (default: min(2, usable CPUs); quick 1)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="convert a timm / torchvision / built-in model and print the report",
+                       description="Build MODEL (random weights, nothing downloaded), convert it with "
+                                   "lcnnify(), print the conversion report and the data-free curvature bound.")
+    c.add_argument("model", help="timm:NAME, torchvision:NAME, small_cnn or mlp")
+    c.add_argument("--input-size", nargs="+", type=int, metavar="N",
+                   help="C H W of one input (default: the model's, e.g. 3 224 224)")
+    c.add_argument("--num-classes", type=_positive_int, help="classifier outputs (default 1000; built-in 10)")
+    c.add_argument("--out", "-o", help="save {state_dict, model, num_classes, input_size, ...} to this file")
+    c.add_argument("--beta0", type=_positive_float, help="initial centered-softplus beta (default 5)")
+    c.add_argument("--gamma0", type=float, help="initial BatchNorm gamma, >= 1 (default 10)")
+    c.add_argument("--width", type=_positive_int, default=16, help=argparse.SUPPRESS)
+    c.add_argument("--bound", choices=("certified", "estimate", "none"), default="certified",
+                   help="the data-free curvature bound: certified operator norms (default; slow for big models), "
+                        "power-iteration estimates (faster, not certified) or none")
+    c.add_argument("--json", action="store_true", help="print the report and the bound as JSON")
+    c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="train a model with one of the paper's methods (paper recipe)",
+                       description="Train MODEL on a dataset with the paper's recipe (§5: SGD momentum 0.9, lr 0.1 "
+                                   "x0.1 at 75%% and 87.5%% of the epochs, weight decay 5e-4, batch 128, 200 "
+                                   "epochs) and one of its seven methods; saves a checkpoint for `lcnnify "
+                                   "evaluate`. An interrupted run resumes from OUT.partial.",
+                       epilog=_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--model", default="small_cnn", help="timm:NAME, torchvision:NAME or small_cnn (default)")
+    t.add_argument("--dataset", required=True, choices=DATASETS)
+    t.add_argument("--data-dir", help="dataset root (default $LCNNIFY_DATA_DIR or ./data)")
+    t.add_argument("--method", default="lcnn", choices=METHODS, help="training method (default lcnn)")
+    t.add_argument("--epochs", type=_positive_int, help="default 200 (the paper); --quick: 1")
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--lr", type=_positive_float, default=0.1)
+    t.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    t.add_argument("--image-size", type=_positive_int, help="resize images to N x N (default: native size)")
+    t.add_argument("--no-augment", action="store_true", help="no random crop / flip (digits: never augmented)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=_positive_int, default=16, help="width of the built-in small_cnn")
+    t.add_argument("--max-train-samples", type=_positive_int, help="train on the first N samples only")
+    t.add_argument("--max-test-samples", type=_positive_int, help="evaluate on the first N test samples only")
+    t.add_argument("--quick", action="store_true", help="1 epoch on 512 train / 256 test samples (a smoke test)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    t.add_argument("--out", "-o", help="checkpoint file (default: DATASET-METHOD.pt)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="Table 1/2/3 rows (geometry, PGD robustness, train-test discrepancy)",
+                       description="Load a checkpoint of `lcnnify train` (or `lcnnify convert --out`) and print its "
+                                   "rows of the paper's Table 1 (gradient norm, Hessian norm, normalized curvature, "
+                                   "accuracy), Table 2 (l2-PGD robust accuracy) and Table 3 (train-test "
+                                   "discrepancy).", epilog=_DATA_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("checkpoint")
+    e.add_argument("--dataset", choices=DATASETS, help="default: the dataset the checkpoint was trained on")
+    e.add_argument("--data-dir")
+    e.add_argument("--image-size", type=_positive_int, help="default: the checkpoint's")
+    e.add_argument("--max-samples", type=_positive_int, help="test samples (default 1000; quick 64)")
+    e.add_argument("--max-train-samples", type=_positive_int, help="train samples for Table 3 (default: as test)")
+    e.add_argument("--eps", type=_nonneg_float, nargs="+", help="l2 PGD radii (default 0.05 0.1 0.15 0.2)")
+    e.add_argument("--pgd-steps", type=_positive_int, help="default 10 (quick 2)")
+    e.add_argument("--lanczos-iters", type=_positive_int, help="Hessian-vector products per sample (default 20)")
+    e.add_argument("--quick", action="store_true", help="64 samples, 5 Lanczos steps, 2 PGD steps")
+    e.add_argument("--device")
+    e.add_argument("--json", help="also write the numbers to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the ``lcnnify`` script exits with it)."""
+    from .errors import ConversionError, DatasetNotFoundError, LCNNError
+    from .models import UnknownModelError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse printed the message)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    handlers: list[tuple[type[BaseException], Callable[[BaseException], int]]] = [
+        (CLIError, lambda e: e.code),  # type: ignore[attr-defined]
+        (DatasetNotFoundError, lambda e: 2),
+        (UnknownModelError, lambda e: 2),
+        (ConversionError, lambda e: 1),
+        (LCNNError, lambda e: 1),
+    ]
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless anticipated
+        for cls, code in handlers:
+            if isinstance(exc, cls):
+                _error(str(exc))
+                return code(exc)
+        raise

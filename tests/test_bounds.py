@@ -1,0 +1,572 @@
+"""lcnnify.bound: the data-free Lipschitz / curvature bound (DESIGN §5).
+
+The property tests build random small architectures, convert them, perturb them (random betas, gammas, BN
+statistics, a few training steps) and check bound >= measured, where "measured" uses EXACT Jacobians and
+Hessians (the inputs are tiny) at random inputs and at inputs optimized to maximize the Jacobian norm.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcnnify import bound, lcnnify
+from lcnnify.bounds import Bound, activation_constants, conv_norm_bound
+from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm, find_conv_spectral_norm
+from lcnnify.nn.spectral_norm import _conv_geometry
+
+DT = torch.float64
+
+
+# ==========================================================================================================
+# exact measurements on tiny models
+
+
+def _jacobian(f, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """(m, d) Jacobian of f at one input x (shape (1, *in)), one backward per output."""
+    x = x.detach().requires_grad_(True) if not x.requires_grad else x
+    y = f(x).reshape(-1)
+    rows = [torch.autograd.grad(y[k], x, retain_graph=True, create_graph=create_graph)[0].reshape(-1)
+            for k in range(y.numel())]
+    return torch.stack(rows)
+
+
+def _hessians(f, x: torch.Tensor) -> torch.Tensor:
+    """(m, d, d) exact Hessians of every output of f at x: the d rows of each Hessian come from one batched
+    double backward (the batch holds d copies of x; samples do not interact in eval mode)."""
+    d = x.numel()
+    X = x.detach().reshape(1, -1).repeat(d, 1).reshape(d, *x.shape[1:]).requires_grad_(True)
+    Y = f(X).reshape(d, -1)
+    eye = torch.eye(d, dtype=x.dtype).reshape(d, *x.shape[1:])
+    out = []
+    for k in range(Y.shape[1]):
+        (g,) = torch.autograd.grad(Y[:, k].sum(), X, create_graph=True)
+        (h,) = torch.autograd.grad((g * eye).sum(), X, retain_graph=True)
+        out.append(h.reshape(d, d))
+    return torch.stack(out)
+
+
+def _loss_hessian(f, x: torch.Tensor, y: int) -> torch.Tensor:
+    d = x.numel()
+    X = x.detach().reshape(1, -1).repeat(d, 1).reshape(d, *x.shape[1:]).requires_grad_(True)
+    loss = F.cross_entropy(f(X).reshape(d, -1), torch.full((d,), y), reduction="sum")
+    (g,) = torch.autograd.grad(loss, X, create_graph=True)
+    eye = torch.eye(d, dtype=x.dtype).reshape(d, *x.shape[1:])
+    (h,) = torch.autograd.grad((g * eye).sum(), X)
+    return h.reshape(d, d)
+
+
+def _tensor_norm_lower(H: torch.Tensor, n_random: int = 64, refine: int = 10) -> float:
+    """A lower bound of sup_{|w|=1} ||sum_k w_k H_k||_2: the e_k, random unit w, then a higher-order power
+    refinement w <- (u^T H_k u)_k from the best start."""
+    m = H.shape[0]
+    g = torch.Generator().manual_seed(0)
+    W = torch.cat([torch.eye(m, dtype=H.dtype), torch.randn(n_random, m, generator=g, dtype=H.dtype)])
+    W = W / W.norm(dim=1, keepdim=True)
+    ev = torch.linalg.eigvalsh(torch.einsum("bk,kij->bij", W, H)).abs().amax(-1)
+    best = float(ev.max())
+    w = W[int(ev.argmax())]
+    for _ in range(refine):
+        vals, vecs = torch.linalg.eigh(torch.einsum("k,kij->ij", w, H))
+        u = vecs[:, int(vals.abs().argmax())]
+        w = torch.einsum("i,kij,j->k", u, H, u)
+        if float(w.norm()) == 0.0:
+            break
+        w = w / w.norm()
+        best = max(best, float(torch.linalg.eigvalsh(torch.einsum("k,kij->ij", w, H)).abs().max()))
+    return best
+
+
+def _ascend_jacobian(f, x0: torch.Tensor, steps: int = 6, lr: float = 0.3) -> torch.Tensor:
+    """Gradient ascent on ||J(x)||_2 from x0 (makes the Lipschitz check bite)."""
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        s = torch.linalg.matrix_norm(_jacobian(f, x, create_graph=True), 2)
+        opt.zero_grad()
+        (-s).backward()
+        opt.step()
+    return x.detach()
+
+
+def _measure(model: nn.Module, shape: tuple[int, ...], n_random: int = 2, ascent: bool = True,
+             seed: int = 0, n_labels: int = 2) -> dict[str, float]:
+    """Exact Jacobian / Hessian norms at x = 0, at random inputs and at an input optimized for ||J||."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.zeros((1, *shape), dtype=DT)]
+    xs += [s * torch.randn((1, *shape), generator=g, dtype=DT) for s in (1.0, 3.0, 0.3)[:n_random]]
+    if ascent:
+        xs += [_ascend_jacobian(model, xs[1])]
+    out = dict(jac=0.0, hess=0.0, loss=0.0)
+    m = None
+    for x in xs:
+        J = _jacobian(model, x)
+        m = J.shape[0]
+        out["jac"] = max(out["jac"], float(torch.linalg.matrix_norm(J, 2)))
+        out["hess"] = max(out["hess"], _tensor_norm_lower(_hessians(model, x)))
+        for y in range(min(m, n_labels)):
+            out["loss"] = max(out["loss"], float(torch.linalg.eigvalsh(_loss_hessian(model, x, y)).abs().max()))
+    return out
+
+
+def _check(b: Bound, meas: dict[str, float], rel: float = 1e-7) -> None:
+    assert meas["jac"] <= b.lipschitz * (1 + rel) + 1e-12, (b, meas)
+    assert meas["hess"] <= b.logit_hessian * (1 + rel) + 1e-12, (b, meas)
+    assert meas["loss"] <= b.loss_hessian * (1 + rel) + 1e-12, (b, meas)
+
+
+# ==========================================================================================================
+# random architectures
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int, k: int, mode: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, k, padding=k // 2, padding_mode=mode)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + x)
+
+
+class _Cat(nn.Module):
+    def __init__(self, c: int, w: int, k: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, w, k, padding=k // 2)
+        self.bn = nn.BatchNorm2d(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, F.relu(self.bn(self.conv(x)))], 1)
+
+
+class RandNet(nn.Module):
+    """conv/BN/ReLU stacks, residual adds, concatenations, avg-pools, a linear head (all static structure)."""
+
+    def __init__(self, spec: list[tuple[str, int, int, int]], in_ch: int, size: int, head: str,
+                 classes: int = 3) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c, s = in_ch, size
+        for kind, width, k, stride in spec:
+            if kind == "plain":
+                blocks.append(nn.Sequential(nn.Conv2d(c, width, k, stride, k // 2), nn.BatchNorm2d(width), nn.ReLU()))
+                c, s = width, (s + 2 * (k // 2) - k) // stride + 1
+            elif kind == "res":
+                blocks.append(_Res(c, k, "reflect" if width % 2 and s > 1 else "zeros"))
+            elif kind == "cat":
+                blocks.append(_Cat(c, width, k))
+                c = c + width
+            elif kind == "pool" and s >= 2:
+                blocks.append(nn.AvgPool2d(2, ceil_mode=bool(stride - 1)))
+                s = -(-s // 2) if stride - 1 else s // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.head_kind = head
+        self.fc = nn.Linear(c if head == "mean" else c * s * s, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)
+        x = x.mean((2, 3)) if self.head_kind == "mean" else torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def _perturb(model: nn.Module, g: torch.Generator, steps: int, shape: tuple[int, ...]) -> None:
+    """Random betas, gammas and BN statistics (so that gamma clips or not), then a few SGD steps."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CenteredSoftplus):
+                m.log_beta.fill_(math.log(10 ** (2.0 * float(torch.rand((), generator=g)) - 0.5)))
+            if isinstance(m, LipschitzBatchNorm):
+                n = m.num_features
+                m.running_var.copy_(0.05 + 2.0 * torch.rand(n, generator=g, dtype=DT))
+                m.running_mean.copy_(torch.randn(n, generator=g, dtype=DT))
+                m.weight.copy_(torch.randn(n, generator=g, dtype=DT))
+                m.bias.copy_(0.3 * torch.randn(n, generator=g, dtype=DT))
+                gamma = 1.0 + 4.0 * float(torch.rand((), generator=g))
+                m.log_gamma_minus_1.fill_(math.log(gamma - 1.0))
+    if steps:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(steps):
+            x = torch.randn((8, *shape), generator=g, dtype=DT)
+            y = torch.randint(0, 3, (8,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+_block = st.tuples(st.sampled_from(["plain", "res", "cat", "pool"]), st.integers(1, 3), st.sampled_from([1, 3]),
+                   st.integers(1, 2))
+
+
+@settings(max_examples=5, deadline=None)
+@given(spec=st.lists(_block, min_size=1, max_size=3), in_ch=st.integers(1, 2), size=st.integers(3, 5),
+       head=st.sampled_from(["mean", "flatten"]), steps=st.integers(0, 3), seed=st.integers(0, 10_000))
+def test_bound_dominates_exact_jacobian_and_hessians_on_random_converted_architectures(spec, in_ch, size, head,
+                                                                                       steps, seed):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    shape = (in_ch, size, size)
+    net = RandNet(spec, in_ch, size, head).to(DT)
+    model = lcnnify(net, example_inputs=torch.randn((2, *shape), dtype=DT)).to(DT)
+    _perturb(model, g, steps, shape)
+    b = bound(model, shape)
+    assert b.certified, b
+    assert math.isfinite(b.lipschitz) and math.isfinite(b.logit_hessian)
+    _check(b, _measure(model, shape, seed=seed, n_labels=1))
+
+
+def test_bound_bites_on_a_tight_softplus_layer():
+    """Measured values reach the bound where the bound is attained: the property test is not vacuous."""
+    torch.manual_seed(1)
+    model = lcnnify(nn.Sequential(nn.Linear(6, 1), nn.ReLU()), example_inputs=torch.randn(2, 6)).to(DT).eval()
+    act = model.get_submodule("1")
+    with torch.no_grad():
+        act.log_beta.fill_(math.log(3.0))
+        model.get_submodule("0").bias.zero_()
+    b = bound(model, (6,))
+    meas = _measure(model, (6,), ascent=True)
+    _check(b, meas)
+    assert meas["hess"] == pytest.approx(b.logit_hessian, rel=1e-6)   # attained at x = 0
+    assert meas["jac"] >= 0.9 * b.lipschitz                              # approached for large w.x
+
+
+# ==========================================================================================================
+# closed forms
+
+
+def test_single_linear_layer_is_its_spectral_norm_with_zero_curvature():
+    torch.manual_seed(0)
+    model = lcnnify(nn.Sequential(nn.Linear(7, 4)), example_inputs=torch.randn(2, 7)).to(DT)
+    W = model.get_submodule("0").weight.detach()
+    b = bound(model, (7,))
+    exact = float(torch.linalg.matrix_norm(W, 2))
+    assert b.lipschitz == pytest.approx(exact, rel=1e-8)
+    assert b.logit_hessian == 0.0
+    assert b.loss_hessian == pytest.approx(0.5 * exact ** 2, rel=1e-8)
+    assert b.certified and not b.reasons
+    J = _jacobian(model.eval(), torch.randn(1, 7, dtype=DT))
+    assert float(torch.linalg.matrix_norm(J, 2)) == pytest.approx(b.lipschitz, rel=1e-8)
+
+
+def test_softplus_after_linear_map_has_curvature_beta_over_4_times_norm_squared():
+    torch.manual_seed(0)
+    model = lcnnify(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)),
+                    example_inputs=torch.randn(2, 5), per_channel_beta=True).to(DT)
+    with torch.no_grad():
+        model.get_submodule("1").log_beta.copy_(torch.log(torch.tensor([0.5, 7.0, 2.0])))
+    W1 = float(torch.linalg.matrix_norm(model.get_submodule("0").weight.detach(), 2))
+    W2 = float(torch.linalg.matrix_norm(model.get_submodule("2").weight.detach(), 2))
+    b = bound(model, (5,))
+    assert b.per_node["_1"][1] == pytest.approx(7.0 / 4 * W1 ** 2, rel=1e-7)      # max beta / 4 * ||W1||^2
+    assert b.lipschitz == pytest.approx(W1 * W2, rel=1e-7)
+    assert b.logit_hessian == pytest.approx(W2 * 7.0 / 4 * W1 ** 2, rel=1e-7)
+    assert b.loss_hessian == pytest.approx(0.5 * (W1 * W2) ** 2 + math.sqrt(2) * b.logit_hessian, rel=1e-9)
+    # the paper's Theorem 1 over the chain: n_act * max beta * ||W1|| (only the activation has curvature)
+    assert b.theorem1 == pytest.approx(3 * 7.0 * W1, rel=1e-7)
+
+
+class _ResidualSoftplus(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(x)
+
+
+class _ConcatSoftplus(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.act(x)], dim=1)
+
+
+@pytest.mark.parametrize("beta", [0.5, 4.0])
+def test_residual_add_sums_lipschitz_and_curvature(beta):
+    model = lcnnify(_ResidualSoftplus(), example_inputs=torch.randn(2, 4)).to(DT).eval()
+    with torch.no_grad():
+        model.act.log_beta.fill_(math.log(beta))
+    b = bound(model, (4,))
+    assert b.lipschitz == pytest.approx(2.0, rel=1e-12)           # 1 + 1
+    assert b.logit_hessian == pytest.approx(beta / 4, rel=1e-12)   # 0 + beta/4
+    assert b.certified
+    # attained / approached: J = I + diag(sigmoid(beta x)) -> 2 for large x; Hessian beta/4 at x = 0
+    J = _jacobian(model, torch.full((1, 4), 30.0 / beta, dtype=DT))
+    assert float(torch.linalg.matrix_norm(J, 2)) == pytest.approx(2.0, rel=1e-6)
+    assert _tensor_norm_lower(_hessians(model, torch.zeros(1, 4, dtype=DT))) == pytest.approx(beta / 4, rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0.5, 4.0])
+def test_concatenation_takes_root_sum_of_squares(beta):
+    model = lcnnify(_ConcatSoftplus(), example_inputs=torch.randn(2, 4)).to(DT).eval()
+    with torch.no_grad():
+        model.act.log_beta.fill_(math.log(beta))
+    b = bound(model, (4,))
+    assert b.lipschitz == pytest.approx(math.sqrt(2.0), rel=1e-12)
+    assert b.logit_hessian == pytest.approx(beta / 4, rel=1e-12)
+    J = _jacobian(model, torch.full((1, 4), 30.0 / beta, dtype=DT))
+    assert float(torch.linalg.matrix_norm(J, 2)) == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    assert _tensor_norm_lower(_hessians(model, torch.zeros(1, 4, dtype=DT))) == pytest.approx(beta / 4, rel=1e-9)
+
+
+@pytest.mark.parametrize("pool, size, factor", [
+    (nn.AvgPool2d(2), 4, 0.5),                     # non-overlapping k x k: 1/k
+    (nn.AdaptiveAvgPool2d(1), 4, 0.25),            # global: 1/sqrt(HW)
+    (nn.AdaptiveAvgPool2d(1), 3, 1 / 3),
+    (nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True), 5, None),   # overlapping: < 1
+])
+def test_average_pool_factor_is_its_operator_norm(pool, size, factor):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = pool
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.flatten(self.pool(x), 1)
+
+    model = torch.fx.symbolic_trace(Net())
+    b = bound(model, (2, size, size))
+    # the exact operator norm of the pool (dense)
+    d = 2 * size * size
+    A = model(torch.eye(d, dtype=DT).reshape(d, 2, size, size)).reshape(d, -1)
+    exact = float(torch.linalg.matrix_norm(A, 2))
+    if factor is not None:
+        assert exact == pytest.approx(factor, rel=1e-12)
+    assert exact <= b.lipschitz <= exact * (1 + 1e-6)
+    assert b.logit_hessian == 0.0 and b.certified
+
+
+def test_mean_and_scalar_multiply():
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (-3.0 * x).mean((2, 3)) / 2.0
+
+    b = bound(torch.fx.symbolic_trace(Net()), (2, 3, 3))
+    assert b.lipschitz == pytest.approx(1.5 / 3.0, rel=1e-8)   # |-3| / 2 / sqrt(9)
+
+
+# ==========================================================================================================
+# conv operator norms: certified upper bounds, exact dense, estimates from below
+
+
+def _dense_conv_norm(conv: nn.Conv2d, shape: tuple[int, ...]) -> float:
+    d = math.prod(shape)
+    E = torch.eye(d, dtype=DT).reshape(d, *shape)
+    with torch.no_grad():
+        A = F.conv2d(F.pad(E, conv._reversed_padding_repeated_twice,
+                           mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode),
+                     conv.weight, None, conv.stride, 0, conv.dilation, conv.groups)
+    A = A.reshape(d, -1)
+    G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
+    return math.sqrt(float(torch.linalg.eigvalsh(G)[-1]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(cin=st.integers(1, 3), cout_mult=st.integers(1, 3), groups_on=st.booleans(), k=st.integers(1, 4),
+       stride=st.integers(1, 3), dilation=st.integers(1, 2), pad=st.integers(0, 2), size=st.integers(1, 7),
+       mode=st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]), seed=st.integers(0, 999))
+def test_conv_norm_bound_is_an_upper_bound_and_dense_is_exact(cin, cout_mult, groups_on, k, stride, dilation,
+                                                              pad, size, mode, seed):
+    groups = cin if groups_on else 1
+    cout = groups * cout_mult
+    torch.manual_seed(seed)
+    ke = dilation * (k - 1) + 1
+    if size + 2 * pad < ke or (mode != "zeros" and pad >= size):
+        return
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False, padding_mode=mode).to(DT)
+    shape = (cin, size, size)
+    exact = _dense_conv_norm(conv, shape)
+    geo = _conv_geometry(conv)
+    fft, _ = conv_norm_bound(conv.weight, geo, shape, method="fft")
+    dense, _ = conv_norm_bound(conv.weight, geo, shape, method="dense")
+    auto, _ = conv_norm_bound(conv.weight, geo, shape)
+    est, _ = conv_norm_bound(conv.weight, geo, shape, certify=False, power_iterations=50)
+    assert fft >= exact * (1 - 1e-9)
+    assert dense == pytest.approx(exact, rel=1e-7, abs=1e-12)
+    assert auto >= exact * (1 - 1e-9)
+    assert est <= exact * (1 + 1e-9)
+
+
+def test_fft_bound_is_tight_on_larger_maps_and_used_for_them():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1, bias=False).to(DT)
+    shape = (3, 14, 14)
+    exact = _dense_conv_norm(conv, shape)
+    fft, how = conv_norm_bound(conv.weight, _conv_geometry(conv), shape, dense_limit=0, rtol=0.05)
+    assert "circulant" in how
+    assert exact <= fft <= exact * 1.02
+
+
+def test_spectrally_normalized_conv_gets_its_true_norm_not_one():
+    """W / sigma_estimate has norm slightly >= 1: the certified bound sees it, certify=False does not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    model = lcnnify(net, example_inputs=torch.randn(1, 2, 4, 4), warmup_iterations=1).to(DT).eval()
+    conv = model.get_submodule("0")
+    exact = _dense_conv_norm(conv, (2, 4, 4))
+    assert exact > 1.0 + 1e-6          # one warm-up iteration: sigma underestimated
+    b = bound(model, (2, 4, 4))
+    assert b.per_node["_0"][0] == pytest.approx(exact, rel=1e-7)
+    est = bound(model, (2, 4, 4), certify=False)
+    assert not est.certified and any("estimate" in r for r in est.reasons)
+
+
+# ==========================================================================================================
+# activation constants
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Mish(), nn.Sigmoid(),
+                                 nn.Tanh(), nn.Softsign(), nn.LogSigmoid(), nn.ELU(), nn.CELU(2.0),
+                                 nn.Softplus(beta=3.0), CenteredSoftplus(beta=7.0)])
+def test_activation_constants_bound_the_derivatives_and_are_tight(act):
+    slope, curv = activation_constants(act)
+    x = torch.linspace(-40, 40, 400_001, dtype=DT, requires_grad=True)
+    y = act.to(DT)(x)
+    (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    s, c = float(d1.detach().abs().max()), float(d2.abs().max())
+    assert s <= slope and c <= curv
+    assert s >= 0.999 * slope and c >= 0.999 * curv
+
+
+# ==========================================================================================================
+# voiding ops
+
+
+def _reasons(b: Bound) -> str:
+    return "\n".join(b.reasons)
+
+
+def test_max_pool_voids_curvature_keeps_its_lipschitz_factor():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 2))
+    model = lcnnify(net, example_inputs=torch.randn(1, 1, 8, 8)).to(DT)
+    b = bound(model, (1, 8, 8))
+    assert not b.certified and math.isinf(b.logit_hessian) and math.isinf(b.loss_hessian)
+    assert math.isfinite(b.lipschitz)
+    assert "_2 [2: MaxPool2d]" in _reasons(b) and "max-pool" in _reasons(b)
+    # a 3x3 / stride-2 max-pool: an element lies in up to 4 windows, Lipschitz factor 2 (not 1)
+    assert b.per_node["_2"][0] == pytest.approx(2.0 * b.per_node["_1"][0], rel=1e-12)
+    model.eval()
+    for _ in range(3):
+        J = _jacobian(model, torch.randn(1, 1, 8, 8, dtype=DT))
+        assert float(torch.linalg.matrix_norm(J, 2)) <= b.lipschitz
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(x))
+        return self.head(h * torch.sigmoid(h))
+
+
+def test_gating_product_voids_the_bound_and_names_the_node():
+    model = lcnnify(_Gated(), example_inputs=torch.randn(2, 4))
+    b = bound(model, (4,))
+    assert not b.certified and math.isinf(b.lipschitz) and math.isinf(b.logit_hessian)
+    assert "mul [mul]" in _reasons(b) and "product" in _reasons(b)
+
+
+def test_unconverted_relu_voids_curvature_and_is_named():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = lcnnify(net, example_inputs=torch.randn(2, 4), skip=("1",))
+    b = bound(model, (4,))
+    assert not b.certified and math.isinf(b.logit_hessian) and math.isfinite(b.lipschitz)
+    assert "_1 [1: ReLU]" in _reasons(b) and "kink" in _reasons(b)
+
+
+def test_kept_smooth_activation_keeps_a_finite_certified_bound():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 2))
+    model = lcnnify(net, example_inputs=torch.randn(2, 4), smooth_activations="keep").to(DT)
+    b = bound(model, (4,))
+    assert b.certified and math.isfinite(b.logit_hessian)
+    _check(b, _measure(model.eval(), (4,)))
+
+
+def test_layer_norm_voids_the_bound():
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    b = bound(lcnnify(net, example_inputs=torch.randn(2, 4)), (4,))
+    assert not b.certified and math.isinf(b.lipschitz)
+    assert "LayerNorm" in _reasons(b)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:                      # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.fc(self.act(x))
+
+
+def test_untraceable_model_gets_an_uncertified_infinite_bound_with_the_reason():
+    model = lcnnify(_Untraceable(), example_inputs=torch.randn(2, 4))
+    assert not isinstance(model, torch.fx.GraphModule)
+    b = bound(model, (4,))
+    assert not b.certified and math.isinf(b.lipschitz)
+    assert "trace" in _reasons(b)
+
+
+# ==========================================================================================================
+# the model is left as it was; shapes
+
+
+def test_bound_does_not_change_the_model_and_flags_a_new_input_shape():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(2, 2))
+    model = lcnnify(net, example_inputs=torch.randn(1, 1, 6, 6))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    b6 = bound(model, (1, 6, 6))
+    b8 = bound(model, (1, 8, 8))
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert find_conv_spectral_norm(model.get_submodule("0")).input_shape == (1, 6, 6)
+    assert b6.certified and not b8.certified
+    assert "re-normalizes" in _reasons(b8) and "_0 [0:" in _reasons(b8)
+    assert "Lipschitz" in str(b6) and str(b6.lipschitz)[:4] in str(b6)
+
+
+def test_wrong_input_shape_raises_a_clear_error():
+    from lcnnify.errors import MeasurementError
+
+    model = lcnnify(nn.Sequential(nn.Linear(4, 2)), example_inputs=torch.randn(2, 4))
+    with pytest.raises(MeasurementError, match="input_shape"):
+        bound(model, (5,))
+
+
+@pytest.mark.slow
+def test_timm_resnet18_bound_dominates_measured_jacobian():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=10, replace_stem_pool=True)
+    model = lcnnify(net, example_inputs=torch.randn(1, 3, 32, 32))
+    b = bound(model, (3, 32, 32))
+    assert b.certified and math.isfinite(b.logit_hessian)
+    model.eval()
+    for _ in range(2):
+        J = _jacobian(model, torch.randn(1, 3, 32, 32))
+        assert float(torch.linalg.matrix_norm(J, 2)) <= b.lipschitz
