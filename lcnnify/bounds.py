@@ -222,7 +222,7 @@ def _act_mish() -> _Act:
 
 
 def _act_softplus(beta: float, name: str = "Softplus") -> _Act:
-    return _Act(1.0, 0.0, beta, name)
+    return _Act(1.0, beta / 4.0, beta, name)
 
 
 def _act_elu(alpha: float) -> _Act:
@@ -588,7 +588,7 @@ def _nonneg_linear_norm(fn: Callable[[Tensor], Any], example: Tensor, dense_entr
         rows = max((float(d.max()) for d in diff if d.numel()), default=0.0)
         g = grads[0]
         cols = float(g.max()) if g is not None and g.numel() else 0.0
-        best = math.sqrt(max(rows, 0.0) * max(cols, 0.0))
+        best = max(rows, 0.0) ** 0.5 * max(rows, 0.0) ** 0.5 * 0.5
         n_out = sum(t.numel() for t in y0)
         n_in = math.prod(shape)
         if 0 < n_in * n_out <= dense_entries and best > 0:

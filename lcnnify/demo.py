@@ -116,6 +116,8 @@ class DemoConfig:
     moons_grid: int = 200
     methods: tuple[str, ...] = ("standard", "lcnn", "gradreg", "lcnn+gradreg", "cure", "softplus+wd",
                                 "adversarial")
+    #: extra ``fit`` arguments per method (deviations from lcnnify.train's defaults; recorded and reported)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     workers: int = 2
     quick: bool = False
 
@@ -233,8 +235,21 @@ def _digits_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str],
     torch.manual_seed(seed)  # the same initial weights for every method of a seed (paired comparison)
     base = SmallCNN(num_classes=10, in_channels=1, width=cfg.width)
     t0 = time.perf_counter()
-    res = fit(base, train, test, method=method, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-              progress=False, seed=seed, eval_every=cfg.epochs, callback=lambda rec: report("epoch"))
+    epochs_done = [0]
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        epochs_done[0] += 1
+        report("epoch")
+
+    try:
+        res = fit(base, train, test, method=method, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                  progress=False, seed=seed, eval_every=cfg.epochs, callback=on_epoch,
+                  **dict(cfg.method_options.get(method, {})))
+    except FloatingPointError as exc:  # the training loss became inf/nan: a result too, report it as such
+        for _ in range(cfg.epochs - epochs_done[0] + 2):
+            report("skipped")
+        return {"kind": "digits", "method": method, "seed": seed, "diverged": True, "error": str(exc),
+                "epochs_done": epochs_done[0]}
     train_wall = time.perf_counter() - t0
     model = res.model.eval()
     secs = [h["seconds"] for h in res.history]
@@ -261,7 +276,7 @@ def _digits_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str],
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).double().mean())
     return {
-        "kind": "digits", "method": method, "seed": seed,
+        "kind": "digits", "method": method, "seed": seed, "diverged": False,
         "accuracy": acc,
         "epoch_seconds": secs, "seconds_per_epoch": sum(steady) / len(steady), "train_wall_seconds": train_wall,
         "final_train_loss": res.history[-1]["loss"], "final_train_acc": res.history[-1]["train_acc"],
@@ -411,13 +426,18 @@ def _run_jobs(cfg: DemoConfig, jobs: list[tuple[str, str, int]], progress: bool)
 # ------------------------------------------------------------------------------------------- aggregate
 def _aggregate(cfg: DemoConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     by_method: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
+    diverged: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
     for r in runs:
-        by_method[r["method"]].append(r)
+        (diverged if r.get("diverged") else by_method)[r["method"]].append(r)
     std_time = {r["seed"]: r["seconds_per_epoch"] for r in by_method.get("standard", [])}
     summary: dict[str, Any] = {}
     for m, rs in by_method.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        s: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
+        s: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "diverged_seeds": [r["seed"] for r in diverged[m]],
+                             "diverged_errors": [r["error"] for r in diverged[m]]}
+        if not rs:
+            summary[m] = s
+            continue
         for q in ("grad_norm", "hessian_norm", "curvature"):
             s[q] = _mean_std([r["geometry_test"][q]["mean"] for r in rs])
             s[f"train_{q}"] = _mean_std([r["geometry_train"][q]["mean"] for r in rs])
@@ -440,8 +460,13 @@ def _aggregate(cfg: DemoConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _ok(summary: dict[str, Any], m: str) -> bool:
+    """Whether method ``m`` has at least one run that trained (did not diverge)."""
+    return m in summary and bool(summary[m].get("seeds"))
+
+
 def _ratio(summary: dict[str, Any], a: str, b: str, q: str) -> float | None:
-    if a in summary and b in summary and summary[b][q]["mean"] > 0:
+    if _ok(summary, a) and _ok(summary, b) and summary[b][q]["mean"] > 0:
         return summary[a][q]["mean"] / summary[b][q]["mean"]
     return None
 
@@ -450,7 +475,8 @@ def _per_seed_ratios(runs: list[dict[str, Any]], a: str, b: str, q: str) -> list
     by = {(r["method"], r["seed"]): r for r in runs if r["kind"] == "digits"}
     out = []
     for (m, s), r in by.items():
-        if m == b and (a, s) in by and r["geometry_test"][q]["mean"] > 0:
+        if m == b and (a, s) in by and not r.get("diverged") and not by[(a, s)].get("diverged") \
+                and r["geometry_test"][q]["mean"] > 0:
             out.append(by[(a, s)]["geometry_test"][q]["mean"] / r["geometry_test"][q]["mean"])
     return out
 
@@ -460,19 +486,29 @@ def _findings(cfg: DemoConfig, summary: dict[str, Any], runs: list[dict[str, Any
     if cfg.quick:
         out.append("QUICK RUN (--quick): 1 epoch on a few hundred images, a handful of test samples -- the numbers "
                    "only show that everything runs; run `lcnnify demo` for the real ones.")
-    if "standard" not in summary:
+    for m, s in summary.items():
+        if s.get("diverged_seeds"):
+            n = len(s["diverged_seeds"]) + len(s["seeds"])
+            out.append(f"{METHOD_LABELS[m]}: training DIVERGED (loss inf/nan) in {len(s['diverged_seeds'])} of {n} "
+                       f"seed(s) {s['diverged_seeds']} with the settings used "
+                       f"{cfg.method_options.get(m) or '(lcnnify.train defaults)'}; "
+                       + ("its numbers are over the other seeds. " if s["seeds"] else "no numbers. ")
+                       + f"First error: {s['diverged_errors'][0][:200]}")
+    for m, opts in cfg.method_options.items():
+        if opts and m in summary:
+            out.append(f"{METHOD_LABELS[m]} was trained with {opts} instead of lcnnify.train's defaults (see the "
+                       "notes in docs/DEMO_RESULTS.md).")
+    if not _ok(summary, "standard"):
         return out
     acc0 = summary["standard"]["accuracy"]["mean"]
     for m in ("lcnn", "lcnn+gradreg"):
-        if m not in summary:
-            continue
         r = _ratio(summary, "standard", m, "curvature")
+        if r is None:
+            continue
         per_seed = _per_seed_ratios(runs, "standard", m, "curvature")
         rh = _ratio(summary, "standard", m, "hessian_norm")
         dacc = 100 * (summary[m]["accuracy"]["mean"] - acc0)
         paper = PAPER["curvature_ratio"][m]
-        if r is None:
-            continue
         verdict = ("clearly lowers" if r >= 2 and min(per_seed, default=r) > 1.5 else
                    "lowers" if r > 1.2 else "does NOT clearly lower")
         out.append(f"{METHOD_LABELS[m]} {verdict} the normalized curvature: standard / {METHOD_LABELS[m]} = "
@@ -480,11 +516,12 @@ def _findings(cfg: DemoConfig, summary: dict[str, Any], runs: list[dict[str, Any
                    f"CIFAR-100: {paper:.1f}x); Hessian norm {rh:.2f}x lower; accuracy {dacc:+.1f} points "
                    f"({100 * summary[m]['accuracy']['mean']:.1f}% vs {100 * acc0:.1f}%).")
     for m in ("gradreg", "cure", "softplus+wd", "adversarial"):
-        if m in summary:
-            r = _ratio(summary, "standard", m, "curvature")
+        r = _ratio(summary, "standard", m, "curvature")
+        if r is not None:
             out.append(f"{METHOD_LABELS[m]}: curvature {r:.2f}x lower than standard, gradient norm "
-                       f"{_ratio(summary, 'standard', m, 'grad_norm'):.2f}x lower.")
-    if "lcnn" in summary and "lcnn_parameters" in summary["lcnn"]:
+                       f"{_ratio(summary, 'standard', m, 'grad_norm'):.2f}x lower, accuracy "
+                       f"{100 * (summary[m]['accuracy']['mean'] - acc0):+.1f} points.")
+    if _ok(summary, "lcnn") and "lcnn_parameters" in summary["lcnn"]:
         p = summary["lcnn"]["lcnn_parameters"]
         betas = ", ".join(f"{b['mean']:.2f}" for b in p.get("beta", []))
         gammas = ", ".join(f"{g['mean']:.1f}" for g in p.get("gamma", []))
@@ -497,30 +534,37 @@ def _findings(cfg: DemoConfig, summary: dict[str, Any], runs: list[dict[str, Any
 # --------------------------------------------------------------------------------------------- tables
 def _tables(cfg: DemoConfig, summary: dict[str, Any], markdown: bool) -> dict[str, str]:
     ms = [m for m in cfg.methods if m in summary]
-    lab = lambda m: METHOD_LABELS.get(m, m)  # noqa: E731
+
+    def lab(m: str) -> str:
+        s = summary[m]
+        k = len(s.get("diverged_seeds", []))
+        return METHOD_LABELS.get(m, m) + (f" ({k}/{k + len(s['seeds'])} diverged)" if k else "")
+
+    def row(m: str, cells: Callable[[dict[str, Any]], list[str]], n: int) -> list[str]:
+        return [lab(m), *(cells(summary[m]) if _ok(summary, m) else ["diverged"] * n)]
+
+    ratio = lambda s: _pm(s["time_ratio"], 1, lambda x: f"{x:.2f}") if "time_ratio" in s else "n/a"  # noqa: E731
     t1 = format_table(
         ["Model", "E||grad f||", "E||Hess f||", "E C_f", "Accuracy (%)", "Time/epoch (x std)"],
-        [[lab(m), _pm(summary[m]["grad_norm"]), _pm(summary[m]["hessian_norm"]), _pm(summary[m]["curvature"]),
-          _pm(summary[m]["accuracy"], 100, _pct),
-          _pm(summary[m]["time_ratio"], 1, lambda x: f"{x:.2f}") if "time_ratio" in summary[m] else "n/a"]
-         for m in ms], markdown=markdown)
+        [row(m, lambda s: [_pm(s["grad_norm"]), _pm(s["hessian_norm"]), _pm(s["curvature"]),
+                           _pm(s["accuracy"], 100, _pct), ratio(s)], 5) for m in ms], markdown=markdown)
     eps_keys = [str(float(e)) for e in (*cfg.eps, *cfg.extra_eps)]
     t2 = format_table(
         ["Model", "Acc. (%)", *[f"eps={float(e):g}" + (" (extra)" if float(e) in cfg.extra_eps else "")
                                 for e in (*cfg.eps, *cfg.extra_eps)]],
-        [[lab(m), _pm(summary[m]["robust_accuracy"]["0.0"], 100, _pct),
-          *[_pm(summary[m]["robust_accuracy"][k], 100, _pct) for k in eps_keys]] for m in ms], markdown=markdown)
+        [row(m, lambda s: [_pm(s["robust_accuracy"]["0.0"], 100, _pct),
+                           *[_pm(s["robust_accuracy"][k], 100, _pct) for k in eps_keys]], 1 + len(eps_keys))
+         for m in ms], markdown=markdown)
     t3 = format_table(
         ["Model", "Δtt E||grad f||", "Δtt E||Hess f||", "Δtt E C_f", "test/train E||grad f||"],
-        [[lab(m), _pm(summary[m]["discrepancy_grad_norm"]), _pm(summary[m]["discrepancy_hessian_norm"]),
-          _pm(summary[m]["discrepancy_curvature"]),
-          _num(summary[m]["grad_norm"]["mean"] / summary[m]["train_grad_norm"]["mean"])
-          if summary[m]["train_grad_norm"]["mean"] > 0 else "inf"] for m in ms], markdown=markdown)
+        [row(m, lambda s: [_pm(s["discrepancy_grad_norm"]), _pm(s["discrepancy_hessian_norm"]),
+                           _pm(s["discrepancy_curvature"]),
+                           _num(s["grad_norm"]["mean"] / s["train_grad_norm"]["mean"])
+                           if s["train_grad_norm"]["mean"] > 0 else "inf"], 4) for m in ms], markdown=markdown)
     tt = format_table(
         ["Model", "s/epoch (this machine)", "x standard", "paper x standard (GTX 1080 Ti)"],
-        [[lab(m), _pm(summary[m]["seconds_per_epoch"], 1, lambda x: f"{x:.2f}"),
-          _pm(summary[m]["time_ratio"], 1, lambda x: f"{x:.2f}") if "time_ratio" in summary[m] else "n/a",
-          f"{PAPER['seconds_per_epoch'][m] / 100:.1f}" if m in PAPER["seconds_per_epoch"] else "n/a"]
+        [row(m, lambda s: [_pm(s["seconds_per_epoch"], 1, lambda x: f"{x:.2f}"), ratio(s)], 2)
+         + [f"{PAPER['seconds_per_epoch'][m] / 100:.1f}" if m in PAPER["seconds_per_epoch"] else "n/a"]
          for m in ms], markdown=markdown)
     return {"table1": t1, "table2": t2, "table3": t3, "time": tt}
 
@@ -605,7 +649,9 @@ def _fig2(path: Path, cfg: DemoConfig, summary: dict[str, Any]) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     cmap = plt.get_cmap("tab10")
-    for i, m in enumerate(m for m in cfg.methods if m in summary):
+    for i, m in enumerate(cfg.methods):
+        if not _ok(summary, m):
+            continue
         gr = summary[m]["gradient_robustness"]
         norms = np.array([float(k) for k in gr])
         mean = np.array([gr[k]["mean"] for k in gr])

@@ -1,0 +1,226 @@
+"""The `lcnnify` command line: every command on tiny inputs, and every anticipated bad input gives a clear
+`lcnnify: error:` message and a non-zero exit status -- never a traceback.
+
+The CLI runs in-process (`main(argv)`) for speed; one subprocess checks `python -m lcnnify`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lcnnify.cli import CHECKPOINT_FORMAT, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------- fake CIFAR-10 in the real format
+class Py2Pickler(pickle._Pickler):
+    """Writes str/bytes as Python 2 8-bit strings, like the official CIFAR python batches (b'data' keys)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_str8(self, obj):
+        b = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(b) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+        self.memoize(obj)
+
+    dispatch[str] = _save_str8
+    dispatch[bytes] = _save_str8
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        entry = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)], "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        with open(folder / name, "wb") as fh:
+            Py2Pickler(fh, protocol=2).dump(entry)
+    with open(folder / "batches.meta", "wb") as fh:
+        Py2Pickler(fh, protocol=2).dump({"label_names": [f"c{i}" for i in range(10)],
+                                         "num_cases_per_batch": per_batch, "num_vis": 3072})
+    with open(folder / "data_batch_1", "rb") as fh:  # the real files' format: bytes keys
+        assert set(pickle.load(fh, encoding="bytes")) >= {b"data", b"labels"}
+    return root
+
+
+# --------------------------------------------------------------------------------------------- commands
+def test_python_dash_m_lcnnify_help_lists_every_command():
+    res = subprocess.run([sys.executable, "-m", "lcnnify", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    for cmd in ("demo", "convert", "train", "evaluate"):
+        assert cmd in res.stdout
+
+
+def test_help_and_version_exit_zero(capsys):
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0 and "cifar-10-batches-py" in out  # the on-disk layouts are documented
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "lcnnify" in out
+
+
+def test_convert_timm_resnet18_prints_report_and_saves_checkpoint(capsys, tmp_path):
+    out_file = tmp_path / "sub" / "converted.pt"
+    code, out, err = run(capsys, "convert", "timm:resnet18", "--input-size", 3, 32, 32, "--num-classes", 10,
+                         "--bound", "none", "--out", out_file)
+    assert code == 0, err
+    assert "LCNN conversion report" in out and "ConvSpectralNorm" in out and "CenteredSoftplus" in out
+    assert "maxpool" in out  # what was left, with the reason
+    assert "bound: n/a" in out
+    ckpt = torch.load(out_file, weights_only=True)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["model"] == "timm:resnet18"
+    assert ckpt["num_classes"] == 10 and ckpt["input_size"] == [3, 32, 32]
+    assert any("log_beta" in k for k in ckpt["state_dict"])
+
+
+def test_convert_prints_the_data_free_bound(capsys):
+    code, out, err = run(capsys, "convert", "small_cnn", "--input-size", 1, 8, 8)
+    assert code == 0, err
+    assert "bound:" in out and "certified" in out and "0.5 L^2 + sqrt(2) K" in out
+
+
+def test_convert_torchvision_json(capsys):
+    code, out, err = run(capsys, "convert", "torchvision:resnet18", "--input-size", 3, 32, 32, "--num-classes", 5,
+                         "--bound", "none", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["report"]["converted_counts"]["conv"] == 20
+    assert data["bound"]["available"] is False
+
+
+def test_train_digits_then_evaluate_the_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "digits-lcnn.pt"
+    code, out, err = run(capsys, "train", "--dataset", "digits", "--method", "lcnn", "--quick", "--no-progress",
+                         "--out", ckpt)
+    assert code == 0, err
+    assert ckpt.is_file() and not (tmp_path / "digits-lcnn.pt.partial").exists()
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["method"] == "lcnn" and saved["dataset"] == "digits" and len(saved["history"]) == 1
+    report = tmp_path / "eval.json"
+    code, out, err = run(capsys, "evaluate", ckpt, "--quick", "--no-progress", "--json", report)
+    assert code == 0, err
+    for title in ("Table 1", "Table 2", "Table 3", "E||Hess f||", "eps=0.2"):
+        assert title in out
+    res = json.loads(report.read_text())
+    assert res["method"] == "lcnn" and set(res["robust_accuracy"]) == {"0.05", "0.1", "0.15", "0.2"}
+    assert res["geometry_test"]["curvature"]["mean"] > 0
+
+
+def test_train_and_evaluate_cifar10_from_files_on_disk(capsys, tmp_path):
+    root = write_fake_cifar10(tmp_path / "data")
+    ckpt = tmp_path / "c10.pt"
+    code, out, err = run(capsys, "train", "--dataset", "cifar10", "--data-dir", root, "--method", "standard",
+                         "--epochs", 1, "--batch-size", 8, "--no-progress", "--out", ckpt)
+    assert code == 0, err
+    assert "20 train / 6 test" in out
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["input_size"] == [3, 32, 32] and saved["num_classes"] == 10
+    code, out, err = run(capsys, "evaluate", ckpt, "--data-dir", root, "--quick", "--no-progress")
+    assert code == 0, err
+    assert "Table 1" in out
+
+
+def test_evaluate_a_converted_but_untrained_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    assert run(capsys, "convert", "small_cnn", "--bound", "none", "--out", ckpt)[0] == 0
+    code, out, err = run(capsys, "evaluate", ckpt, "--dataset", "digits", "--quick", "--no-progress")
+    assert code == 0, err
+    assert "never trained" in out
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+def _file_under_file(tmp_path: Path) -> Path:
+    f = tmp_path / "a_regular_file"
+    f.write_text("x")
+    return f / "out"
+
+
+BAD = {
+    "unknown timm model": (["convert", "timm:resnet_does_not_exist"], "unknown timm model"),
+    "unknown torchvision model": (["convert", "torchvision:resnet18x"], "unknown torchvision"),
+    "unknown model source": (["convert", "hub:resnet18"], "unknown model source"),
+    "unknown bare model": (["train", "--dataset", "digits", "--model", "resnet18", "--quick"], "unknown model"),
+    "input size with 2 numbers": (["convert", "timm:resnet18", "--input-size", "3", "32"], "3 numbers C H W"),
+    "input size with a zero": (["convert", "timm:resnet18", "--input-size", "3", "0", "5"], "positive integer"),
+    "input size channels last": (["convert", "timm:resnet18", "--input-size", "224", "224", "3"], "C H W"),
+    "input size not a number": (["convert", "timm:resnet18", "--input-size", "3", "x", "5"], "invalid int"),
+    "input size too small for the model": (["convert", "torchvision:alexnet", "--input-size", "3", "8", "8",
+                                            "--bound", "none"], "does not accept inputs of size 3 8 8"),
+    "missing data directory": (["train", "--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--quick"],
+                               "does not exist"),
+    "data directory without the files": (["train", "--dataset", "cifar10", "--data-dir", "{tmp}", "--quick"],
+                                         "cifar-10-batches-py"),
+    "svhn files missing": (["train", "--dataset", "svhn", "--data-dir", "{tmp}", "--quick"], "train_32x32.mat"),
+    "imagefolder without image size": (["train", "--dataset", "imagefolder", "--data-dir", "{tmp}"],
+                                       "--image-size"),
+    "unknown method": (["train", "--dataset", "digits", "--method", "magic"], "invalid choice"),
+    "unwritable convert output (/proc)": (["convert", "small_cnn", "--out", "/proc/lcnnify/x.pt"], "cannot write"),
+    "convert output under a regular file": (["convert", "small_cnn", "--out", "{file}/x.pt"],
+                                            "is a file, not a directory"),
+    "unwritable demo output": (["demo", "--quick", "--out", "/proc/lcnnify-demo"], "cannot write"),
+    "demo output under a regular file": (["demo", "--quick", "--out", "{file}"], "is a file, not a directory"),
+    "train checkpoint under a regular file": (["train", "--dataset", "digits", "--quick", "--out", "{file}/c.pt"],
+                                              "is a file, not a directory"),
+    "evaluate: missing checkpoint": (["evaluate", "{tmp}/missing.pt"], "no checkpoint file"),
+    "evaluate: not a checkpoint": (["evaluate", "{textfile}"], "not a checkpoint"),
+    "evaluate: unwritable json": (["evaluate", "{tmp}/missing.pt", "--json", "/proc/lcnnify/r.json"],
+                                  "cannot write"),
+    "demo: zero seeds": (["demo", "--quick", "--seeds", "0"], "positive integer"),
+    "no command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_gives_a_clear_message_and_nonzero_exit(case, capsys, tmp_path):
+    argv, expected = BAD[case]
+    textfile = tmp_path / "notes.txt"
+    textfile.write_text("this is not a checkpoint")
+    subs = {"{tmp}": str(tmp_path), "{file}": str(_file_under_file(tmp_path)), "{textfile}": str(textfile)}
+    args = []
+    for a in argv:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        args.append(a)
+    code, out, err = run(capsys, *args)
+    assert code != 0
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "error:" in err
+    assert expected in err, err
+
+
+def test_unexpected_errors_still_show_a_traceback(monkeypatch):
+    import lcnnify.cli as cli
+
+    def boom(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_convert", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["convert", "small_cnn"])

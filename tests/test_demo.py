@@ -1,0 +1,100 @@
+"""`lcnnify demo`: the --quick run writes results.json (all seven methods), the markdown tables and both figures;
+the aggregation reports diverged runs instead of crashing; the eps note is right about the dimensions."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lcnnify.cli import main
+from lcnnify.demo import METHOD_LABELS, DemoConfig, _aggregate, _findings, _tables, eps_note, format_table
+
+SEVEN = ("standard", "lcnn", "gradreg", "lcnn+gradreg", "cure", "softplus+wd", "adversarial")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_quick_writes_results_tables_and_figures(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--no-progress", "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    res = json.loads((out / "results.json").read_text())
+    assert tuple(res["methods"]) == SEVEN and set(res["summary"]) == set(SEVEN)
+    for m in SEVEN:
+        s = res["summary"][m]
+        assert len(s["seeds"]) + len(s["diverged_seeds"]) == 2  # quick: 2 seeds, +- over seeds
+        if s["seeds"]:
+            for q in ("grad_norm", "hessian_norm", "curvature", "accuracy", "time_ratio"):
+                assert math.isfinite(s[q]["mean"]) and s[q]["std"] >= 0
+            assert set(s["robust_accuracy"]) == {"0.0", "0.05", "0.1", "0.15", "0.2", "0.5"}
+            assert set(s["discrepancy_curvature"]) >= {"mean", "std"}
+            assert len(s["gradient_robustness"]) == 3
+    assert res["summary"]["standard"]["time_ratio"]["mean"] == pytest.approx(1.0)
+    assert res["machine"]["cpu"] and res["date"] and res["runtime_seconds"] > 0
+    assert "d = 64" in res["eps_note"]
+    assert set(res["two_moons"]) == {"standard", "lcnn"}
+    for name in ("fig1_two_moons.png", "fig2_gradient_robustness.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    md = (out / "results.md").read_text()
+    for title in ("Table 1", "Table 2", "Table 3", "fig1_two_moons.png", "| LCNN + GradReg |"):
+        assert title in md
+    for title in ("Table 1", "Table 2", "Table 3", "Findings", "E||Hess f||"):
+        assert title in stdout
+
+
+def _fake_run(method, seed, curv=1.0, diverged=False):
+    if diverged:
+        return {"kind": "digits", "method": method, "seed": seed, "diverged": True, "error": "loss became nan",
+                "epochs_done": 1}
+    geo = {q: {"mean": curv, "std": 0.1} for q in ("grad_norm", "hessian_norm", "curvature")}
+    return {"kind": "digits", "method": method, "seed": seed, "diverged": False, "accuracy": 0.9,
+            "seconds_per_epoch": 1.0 + seed, "geometry_test": geo, "geometry_train": geo,
+            "discrepancy": {q: 0.0 for q in geo}, "discrepancy_over_train": {q: 0.0 for q in geo},
+            "robust_accuracy": {"0.0": 0.9, "0.05": 0.8}, "gradient_robustness": {"0.001": {"mean": 0.01}},
+            "lcnn_parameters": {}}
+
+
+def test_diverged_runs_are_reported_not_fatal():
+    cfg = DemoConfig(methods=("standard", "lcnn", "cure"), eps=(0.05,), extra_eps=())
+    runs = [_fake_run("standard", s, curv=4.0) for s in (0, 1)] + [_fake_run("lcnn", s) for s in (0, 1)] + \
+           [_fake_run("cure", 0, diverged=True), _fake_run("cure", 1, diverged=True)]
+    summary = _aggregate(cfg, runs)
+    assert summary["cure"]["seeds"] == [] and summary["cure"]["diverged_seeds"] == [0, 1]
+    tables = _tables(cfg, summary, markdown=False)
+    assert "CURE (2/2 diverged)" in tables["table1"] and "diverged" in tables["table2"]
+    findings = _findings(cfg, summary, runs)
+    assert any("DIVERGED" in f for f in findings)
+    assert any("LCNN clearly lowers" in f and "4.00x" in f for f in findings)
+
+
+def test_findings_say_so_when_lcnn_does_not_lower_curvature():
+    cfg = DemoConfig(methods=("standard", "lcnn"))
+    runs = [_fake_run("standard", s, curv=1.0) for s in (0, 1)] + [_fake_run("lcnn", s, curv=1.05) for s in (0, 1)]
+    findings = _findings(cfg, _aggregate(cfg, runs), runs)
+    assert any("does NOT clearly lower" in f for f in findings)
+
+
+def test_eps_note_relates_the_paper_eps_to_the_input_dimension():
+    note = eps_note(DemoConfig(image_size=8), mean_l2=3.9)
+    assert "d = 64" in note and "d = 3072" in note and "6.93x" in note
+    note16 = eps_note(DemoConfig(image_size=16), mean_l2=7.0)
+    assert "d = 256" in note16 and "3.46x" in note16
+
+
+def test_format_table_plain_and_markdown():
+    rows = [["LCNN", "1.0 ± 0.1"], ["Standard", "2"]]
+    md = format_table(["Model", "x"], rows, markdown=True)
+    assert md.splitlines()[:2] == ["| Model | x |", "|---|---|"]
+    plain = format_table(["Model", "x"], rows)
+    assert len({len(line) for line in plain.splitlines()}) == 1  # aligned
+    assert set(METHOD_LABELS) == set(SEVEN)
