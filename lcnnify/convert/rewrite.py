@@ -358,7 +358,8 @@ class Converter:
         if path in self._skip_names or any(r.fullmatch(path) for r in self._skip_res):
             return True
         if module is not None and self.config.convert_types.get(type(module)) == "keep":
-            return R.rule_for_module(module) is not None and R.rule_for_module(module).family not in ("relu", "smooth")
+            rule = R.rule_for_module(module)  # (kept activations are reported by _activation instead)
+            return rule is not None and rule.family not in ("relu", "smooth")
         return False
 
     # ================================================================== reporting

@@ -1,0 +1,69 @@
+"""The activation policy and per-type / per-name overrides (issue: zoo)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from lcnnify import lcnnify, validate
+from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.silu = nn.SiLU()
+        self.gelu = nn.GELU()
+        self.relu = nn.ReLU()
+        self.gate = nn.Sigmoid()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.silu(self.bn(self.conv(x)))
+        x = self.gelu(x) + F.hardswish(x)
+        x = x * self.gate(x.mean((2, 3), keepdim=True))  # squeeze-excite style gating
+        x = F.max_pool2d(self.relu(x), 2)
+        return self.head(x.mean((2, 3)))
+
+
+def _csp_paths(model):
+    return {n for n, m in model.named_modules() if isinstance(m, CenteredSoftplus)}
+
+
+def test_smooth_activations_convert_by_default_and_gates_are_kept_and_reported():
+    lc = lcnnify(_Mixed())
+    assert {"silu", "gelu", "relu", "hardswish"} <= _csp_paths(lc)
+    assert isinstance(lc.gate, nn.Sigmoid)
+    rep = lc.lcnn_report
+    ops = {(x.op, x.voids) for x in rep.left}
+    assert ("Sigmoid", False) in ops            # the gate itself is smooth and bounded
+    assert ("operator.mul", True) in ops        # its product with the features voids the guarantee
+    assert ("F.max_pool2d", True) in ops
+    assert not rep.certified
+
+
+def test_keep_policy_leaves_smooth_activations_and_reports_them():
+    rep = validate(_Mixed(), smooth_activations="keep")
+    kept = {x.path for x in rep.left if "smooth activation kept" in x.reason}
+    assert {"silu", "gelu"} <= kept and any("hardswish" in p for p in kept)
+    assert rep.converted_counts["activation"] == 1  # only the ReLU
+
+
+def test_per_type_override_and_skip_by_name_and_regex():
+    lc = lcnnify(_Mixed(), convert_types={nn.GELU: "keep"}, skip=("relu", "re:b.*"))
+    assert isinstance(lc.gelu, nn.GELU) and isinstance(lc.relu, nn.ReLU)
+    assert isinstance(lc.bn, nn.BatchNorm2d) and not isinstance(lc.bn, LipschitzBatchNorm)
+    assert "silu" in _csp_paths(lc)
+    skipped = {x.path for x in lc.lcnn_report.left if "skipped" in x.reason}
+    assert {"relu", "bn"} <= skipped
+
+
+def test_report_prints_a_table_and_serializes():
+    rep = lcnnify(_Mixed()).lcnn_report
+    text = str(rep)
+    assert "converted" in text and "left unconverted" in text and "VOIDS" in text
+    d = rep.to_dict()
+    assert d["certified"] is False and d["converted_counts"]["conv"] == 1
+    import json
+    assert json.loads(rep.to_json())["model"] == "_Mixed"
