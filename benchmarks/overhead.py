@@ -4,8 +4,8 @@
 
 Training step = forward + cross-entropy (+ curvature penalty for the LCNN) + backward + SGD step, with the
 paper's optimizer (momentum 0.9, weight decay 5e-4 except beta/gamma). Times are medians of interleaved runs
-(A B A B ...) in this one process; peak memory is measured per variant in a fresh subprocess (CPU: max RSS
-growth over model creation; CUDA: torch.cuda.max_memory_allocated). Writes benchmarks/overhead.json.
+(A B A B ...) in this one process; peak memory is measured per variant in a fresh subprocess (CPU: peak RSS
+(VmHWM) growth over model creation; CUDA: torch.cuda.max_memory_allocated). Writes benchmarks/overhead.json.
 Target (issue #2): LCNN training step <= 1.25x (the paper's implementation: 1.6x).
 """
 from __future__ import annotations
@@ -23,7 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median, table, write_json  # noqa: E402
 
 
-def build(name: str, lcnn: bool, size: int, device: torch.device, classes: int = 10):
+#: ablations for "where the time goes": which LCNN component is switched off
+ABLATIONS = {
+    "lcnn without spectral norms": dict(spectral_norm_conv=False, spectral_norm_linear=False),
+    "lcnn without centered softplus": dict(skip=(r"re:(.*\.)?act\d*",)),  # timm ResNet names its ReLUs act*
+    "lcnn without Lipschitz BN": dict(lipschitz_batchnorm=False),
+}
+
+
+def build(name: str, lcnn: bool, size: int, device: torch.device, classes: int = 10, **overrides):
     import timm
 
     from lcnnify import lcnnify, param_groups
@@ -31,7 +39,7 @@ def build(name: str, lcnn: bool, size: int, device: torch.device, classes: int =
     torch.manual_seed(0)
     m = timm.create_model(name, num_classes=classes).to(device)
     if lcnn:
-        m = lcnnify(m, example_inputs=torch.randn(1, 3, size, size, device=device))
+        m = lcnnify(m, example_inputs=torch.randn(1, 3, size, size, device=device), **overrides)
     opt = torch.optim.SGD(param_groups(m, 5e-4), lr=0.01, momentum=0.9)
     return m, opt
 
@@ -57,7 +65,7 @@ def eval_fn(m, x):
 def peak_memory(args, lcnn: bool) -> float:
     """MiB of peak memory of 3 training steps of one variant, in a fresh process."""
     code = f"""
-import resource, torch, sys
+import torch, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from overhead import build, train_step_fn
 dev = torch.device({args.device!r})
@@ -68,9 +76,11 @@ if dev.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(); step(); step(); step(); torch.cuda.synchronize()
     print(torch.cuda.max_memory_allocated() / 2**20)
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM (peak RSS) is per address space: unlike ru_maxrss it is not inherited from the parent across exec
+    hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
+    base = hwm()
     step(); step(); step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print((hwm() - base) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -84,6 +94,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    p.add_argument("--breakdown", action="store_true", help="also time LCNNs with one component switched off")
     args = p.parse_args()
     dev = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
@@ -91,8 +102,13 @@ def main() -> None:
     base, opt_b = build(args.model, False, args.size, dev)
     lc, opt_l = build(args.model, True, args.size, dev)
     base.train(), lc.train()
-    t_train = interleaved({"standard": train_step_fn(base, opt_b, x, y, False),
-                           "lcnn": train_step_fn(lc, opt_l, x, y, True)}, args.repeats, device=dev)
+    fns = {"standard": train_step_fn(base, opt_b, x, y, False), "lcnn": train_step_fn(lc, opt_l, x, y, True)}
+    if args.breakdown:
+        for label, overrides in ABLATIONS.items():
+            m, o = build(args.model, True, args.size, dev, **overrides)
+            m.train()
+            fns[label] = train_step_fn(m, o, x, y, True)
+    t_train = interleaved(fns, args.repeats, device=dev)
     base.eval(), lc.eval()
     t_eval = interleaved({"standard": eval_fn(base, x), "lcnn": eval_fn(lc, x)}, args.repeats, device=dev)
     mem = {"standard": peak_memory(args, False), "lcnn": peak_memory(args, True)}
@@ -111,6 +127,10 @@ def main() -> None:
             ["peak memory (MiB)", mem["standard"], mem["lcnn"], res["ratio"]["peak_memory"]]]
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {dev}, {args.repeats} interleaved repeats (medians)")
     print(table(["", "standard", "lcnnify", "ratio"], rows))
+    if args.breakdown:
+        std = res["train_step_s"]["standard"]
+        print("\nwhere the time goes (training step, ratio to standard):")
+        print(table(["variant", "s", "ratio"], [[k, v, v / std] for k, v in res["train_step_s"].items()]))
     write_json(Path(args.out), res)
 
 
