@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("seconds", "seconds_per_step", "eval_seconds")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared CPU, intra-op threads only add contention (10x slower steps)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def small_digits():
     """A 256/96-sample slice of scikit-learn's digits (8x8, in [0, 1])."""

@@ -67,16 +67,6 @@ def relerr(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (est.double() - ref.double()).abs() / ref.double().abs()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while these tests run: on a shared 2-core machine OpenMP oversubscription made the
-    tiny double-backward passes here ~100x slower (4.7 s vs 0.04 s for one curvature call)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def mx():
     """The helpers as a namespace (usable from hypothesis tests, which dislike function-scoped fixtures)."""
