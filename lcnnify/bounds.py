@@ -31,7 +31,9 @@ D^2(h o g)[u, v] = D^2h[Dg u, Dg v] + Dh D^2g[u, v]:
 * elementwise phi with |phi'| <= s, |phi''| <= c: a = s, k = c (for |phi''(g) (Dg u)(Dg v)| <= c |Dg u|_2
   |Dg v|_inf). CenteredSoftplus: s = 1, c = max(beta)/4; tanh: 1, 4/(3 sqrt 3); sigmoid: 1/4, 1/(6 sqrt 3);
   SiLU: 1.0999, 1/2; GELU: 1.1290, 0.7979; Mish: 1.0885, 0.6443; ELU(alpha=1): 1, 1; ... (the numeric
-  suprema are rounded up; ``tests/test_bounds.py`` checks them on a fine grid). Kept smooth activations
+  suprema are rounded up; ``tests/test_bounds.py`` checks them on a fine grid; torch's Softplus is taken as
+  smooth although it switches to the identity above ``threshold``, a derivative jump of sigmoid(-threshold),
+  2e-9 at the default 20). Kept smooth activations
   (SiLU, GELU, ...) therefore keep the bound finite and certified: their slope may exceed 1, which is
   accounted for. Kinks (ReLU, ReLU6, LeakyReLU, Hardswish, Hardsigmoid, SELU, clamp, abs, max-pool...)
   keep a finite L but make K infinite.
@@ -57,15 +59,17 @@ Certified vs estimated
 With ``certify=True`` (default) every factor is a certified upper bound (exact arithmetic, plus a 1e-9
 relative margin for the floating-point eigen / singular value solvers):
 
-* conv operator norms: the exact norm (top eigenvalue of the dense Gram matrix A^T A or A A^T, built by
-  pushing a basis through the conv and its exact adjoint) when min(in, out) <= ``dense_limit``; otherwise the
+* conv operator norms, two certified routes. (1) Exact: the top eigenvalue of the dense Gram matrix A^T A
+  or A A^T (smaller side), built by pushing a basis through the conv and its exact adjoint. (2) The
   circulant-embedding bound: after removing kernel taps that never meet the input and a polyphase split of
   the stride (which turns the strided conv into a stride-1 conv with stride^d times more input channels),
   the zero-padded conv is a restriction of a circular convolution on a grid of N = out + taps - 1 points per
   dimension (no wrap-around), whose norm is max_w ||K_hat(w)||_2 over the N^d DFT frequencies
-  (Sedghi et al. 2019; the zero-padding argument of Delattre et al. 2024). Within ``rtol`` of the
-  power-iteration lower estimate it is accepted as is (about 1-3 % loose on 8x8 maps, < 1 % on 16x16);
-  non-zero padding modes use ||pad|| * ||valid conv|| (||pad|| = sqrt(max copies of an element));
+  (Sedghi et al. 2019; the zero-padding argument of Delattre et al. 2024); non-zero padding modes use
+  ||pad|| * ||valid conv|| (||pad|| = sqrt(max copies of an element), looser). Small operators
+  (min(in, out) <= 256) go dense; otherwise (2) is accepted when within ``rtol`` of a power-iteration lower
+  estimate (it is about 1-3 % above the norm on 8x8 maps, < 1 % on 16x16, but 10-50 % on 2x2-4x4 maps),
+  else (1) when min(in, out) <= ``dense_limit``, else (2) with a note saying how loose it may be;
 * linear layers: the exact ||W||_2 (singular values / Gram eigenvalues in float64);
 * BatchNorm: the closed-form gain; pooling / reshaping / slicing / padding / upsampling (non-negative
   linear maps): Schur's test sqrt(||A||_1 ||A||_inf), exact for reshapes, means, non-overlapping pools and
@@ -88,8 +92,10 @@ Theorem 1 (paper eq. 2)
 (f_i = one op, a_j its Lipschitz factor, C_i the bound on its normalized curvature |phi''/phi'| -- beta for a
 (centered) softplus, 0 for linear maps -- and n_i its output width, per sample). For a DAG this multiplies
 the factors of parallel branches as if they were in series, and adds/concats count as factor 1: it is the
-naive application of the chain theorem the paper states, reported for comparison; it is typically orders of
-magnitude looser than the DAG propagation above.
+naive application of the chain theorem the paper states, reported for comparison. It is NOT a bound on
+``logit_hessian``: it bounds the paper's normalized curvature ||Hess f|| / ||grad f|| of a scalar f, carries the
+widths n_i (large for wide layers) but only the first power of the Lipschitz products (so it is smaller than K
+where those products are large): compare with care.
 """
 from __future__ import annotations
 
@@ -128,7 +134,8 @@ class Bound:
         lipschitz: L >= sup ||D logits||_2 (l2 Lipschitz constant of the logits map).
         logit_hessian: K >= sup ||D^2 logits|| (spectral norm of the Hessian tensor).
         loss_hessian: 0.5 L^2 + sqrt(2) K >= sup ||Hess_x cross_entropy||_2, for any label.
-        theorem1: the paper's Theorem 1 value over the graph as a chain (for comparison; much looser).
+        theorem1: the paper's Theorem 1 value over the graph as a chain (for comparison only: it bounds a
+            different quantity, see the module docstring).
         certified: True when every factor is a certified upper bound and nothing voids the bound.
         reasons: why not certified: ``"node [module path: Type]: why"`` per offending node.
         per_node: node name -> (L, K) of the map input -> that node (input-dependent nodes only).
@@ -570,7 +577,7 @@ def _flat_tensors(val: Any) -> list[Tensor]:
     return out
 
 
-def _nonneg_linear_norm(fn: Callable[[Tensor], Any], example: Tensor, dense_entries: int = 1 << 18) -> float:
+def _nonneg_linear_norm(fn: Callable[[Tensor], Any], example: Tensor, dense_entries: int = 1 << 16) -> float:
     """Certified norm bound of an affine map x -> fn(x) whose linear part has non-negative entries:
     Schur's test ||A||_2 <= sqrt(max(A 1) * max(A^T 1)) (A 1 = fn(1) - fn(0), A^T 1 by a vector-Jacobian
     product), or the exact norm of the dense Jacobian when it is small."""
@@ -588,10 +595,14 @@ def _nonneg_linear_norm(fn: Callable[[Tensor], Any], example: Tensor, dense_entr
         rows = max((float(d.max()) for d in diff if d.numel()), default=0.0)
         g = grads[0]
         cols = float(g.max()) if g is not None and g.numel() else 0.0
-        best = max(rows, 0.0) ** 0.5 * max(rows, 0.0) ** 0.5 * 0.5
+        best = math.sqrt(max(rows, 0.0) * max(cols, 0.0))
         n_out = sum(t.numel() for t in y0)
         n_in = math.prod(shape)
-        if 0 < n_in * n_out <= dense_entries and best > 0:
+        # lower bounds ||A 1|| / ||1|| and ||A^T 1|| / ||1||: when one meets Schur's bound, it is exact
+        a1 = math.sqrt(sum(float((d.to(torch.float64) ** 2).sum()) for d in diff))
+        at1 = float(g.to(torch.float64).norm()) if g is not None else 0.0
+        lower = max(a1 / math.sqrt(max(n_in, 1)), at1 / math.sqrt(max(n_out, 1)))
+        if 0 < n_in * n_out <= dense_entries and best > lower * (1.0 + 1e-12):
             try:
                 def flat(x: Tensor) -> Tensor:
                     ts = _flat_tensors(fn(x))
@@ -638,10 +649,9 @@ _NONNEG_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
     torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.roll, torch.flip, torch.mean, torch.sum,
     torch.t, torch.movedim, torch.moveaxis, torch.chunk, torch.split, torch.unbind, torch.tile,
-    torch.repeat_interleave, torch.clone, torch.squeeze, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    torch.repeat_interleave, torch.clone, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, F.pixel_shuffle,
-    F.pixel_unshuffle, torch.nn.functional.channel_shuffle if hasattr(F, "channel_shuffle") else torch.clone,
-    torch.broadcast_to, torch.ravel,
+    F.pixel_unshuffle, getattr(F, "channel_shuffle", torch.clone), torch.broadcast_to, torch.ravel,
 }
 _NONNEG_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "expand",
@@ -714,6 +724,10 @@ class _Unknown(Exception):
     """An op the bound cannot analyse: its value is (inf, inf) and the bound is not certified."""
 
 
+class _ForwardFailed(Exception):
+    """The graph could not be run on the example input (wrong input shape...)."""
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph once (eval, no grad) and keeps every node's value (batch of one)."""
 
@@ -752,8 +766,11 @@ class _Graph:
     # ---------------------------------------------------------------- driver
     def run(self, inputs: Sequence[Any], in_states: Sequence[tuple[float, float] | None]) -> Any:
         rec = _Recorder(self.gm)
-        with torch.no_grad():
-            rec.run(*inputs)
+        try:
+            with torch.no_grad():
+                rec.run(*inputs)
+        except Exception as e:  # noqa: BLE001
+            raise _ForwardFailed(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}") from e
         self.vals = rec.values
         self.state: dict[fx.Node, Any] = {}   # node -> (L, K) if input-dependent (absent: constant)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -776,6 +793,11 @@ class _Graph:
                 st = self._node(node, deps)
             except _Unknown as e:
                 self._void(node, str(e))
+                self.ctx.chain.append((_INF, _INF, 1))
+                st = (_INF, _INF)
+            except Exception as e:  # noqa: BLE001 - an analysis failure must not pass as a bound
+                msg = (str(e).strip().splitlines() or [""])[0][:200]
+                self._void(node, f"not analysed (analysis failed: {type(e).__name__}: {msg})")
                 self.ctx.chain.append((_INF, _INF, 1))
                 st = (_INF, _INF)
             if st is None:
@@ -1338,13 +1360,11 @@ def bound(model: nn.Module, input_shape: Any, *, certify: bool = True, dense_lim
         with _SNHooksOff(model):
             try:
                 out = _Graph(gm, ctx).run([example], [(1.0, 0.0)])
-            except Exception as e:
-                if isinstance(e, MeasurementError):
-                    raise
+            except _ForwardFailed as e:
                 raise MeasurementError(
-                    f"bound(): the model failed on an input of shape (1, {', '.join(map(str, shape))}): "
-                    f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}. Fix: pass input_shape = the shape of one input "
-                    f"without the batch dimension, e.g. (3, 32, 32)") from e
+                    f"bound(): the model failed on an input of shape (1, {', '.join(map(str, shape))}): {e}. "
+                    f"Fix: pass input_shape = the shape of one input without the batch dimension, e.g. "
+                    f"(3, 32, 32)") from e
     finally:
         for m, tr in modes.items():
             m.training = tr

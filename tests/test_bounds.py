@@ -209,7 +209,7 @@ _block = st.tuples(st.sampled_from(["plain", "res", "cat", "pool"]), st.integers
                    st.integers(1, 2))
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(spec=st.lists(_block, min_size=1, max_size=3), in_ch=st.integers(1, 2), size=st.integers(3, 5),
        head=st.sampled_from(["mean", "flatten"]), steps=st.integers(0, 3), seed=st.integers(0, 10_000))
 def test_bound_dominates_exact_jacobian_and_hessians_on_random_converted_architectures(spec, in_ch, size, head,
@@ -227,13 +227,17 @@ def test_bound_dominates_exact_jacobian_and_hessians_on_random_converted_archite
 
 
 def test_bound_bites_on_a_tight_softplus_layer():
-    """Measured values reach the bound where the bound is attained: the property test is not vacuous."""
+    """Measured values reach the bound where the bound is attained: the property test is not vacuous.
+    (An unnormalized linear map with ||w|| = 2.5, so that L^2 and L differ.)"""
     torch.manual_seed(1)
-    model = lcnnify(nn.Sequential(nn.Linear(6, 1), nn.ReLU()), example_inputs=torch.randn(2, 6)).to(DT).eval()
+    model = lcnnify(nn.Sequential(nn.Linear(6, 1), nn.ReLU()), example_inputs=torch.randn(2, 6),
+                    spectral_norm_linear=False).to(DT).eval()
     act = model.get_submodule("1")
     with torch.no_grad():
         act.log_beta.fill_(math.log(3.0))
-        model.get_submodule("0").bias.zero_()
+        lin = model.get_submodule("0")
+        lin.bias.zero_()
+        lin.weight.mul_(2.5 / lin.weight.norm())
     b = bound(model, (6,))
     meas = _measure(model, (6,), ascent=True)
     _check(b, meas)
@@ -262,9 +266,10 @@ def test_single_linear_layer_is_its_spectral_norm_with_zero_curvature():
 def test_softplus_after_linear_map_has_curvature_beta_over_4_times_norm_squared():
     torch.manual_seed(0)
     model = lcnnify(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)),
-                    example_inputs=torch.randn(2, 5), per_channel_beta=True).to(DT)
+                    example_inputs=torch.randn(2, 5), per_channel_beta=True, spectral_norm_linear=False).to(DT)
     with torch.no_grad():
         model.get_submodule("1").log_beta.copy_(torch.log(torch.tensor([0.5, 7.0, 2.0])))
+        model.get_submodule("0").weight.mul_(3.0)      # ||W1|| far from 1: L^2 and L differ
     W1 = float(torch.linalg.matrix_norm(model.get_submodule("0").weight.detach(), 2))
     W2 = float(torch.linalg.matrix_norm(model.get_submodule("2").weight.detach(), 2))
     b = bound(model, (5,))
@@ -274,6 +279,21 @@ def test_softplus_after_linear_map_has_curvature_beta_over_4_times_norm_squared(
     assert b.loss_hessian == pytest.approx(0.5 * (W1 * W2) ** 2 + math.sqrt(2) * b.logit_hessian, rel=1e-9)
     # the paper's Theorem 1 over the chain: n_act * max beta * ||W1|| (only the activation has curvature)
     assert b.theorem1 == pytest.approx(3 * 7.0 * W1, rel=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [1.5, 50.0])
+def test_lipschitz_batchnorm_factor_is_min_of_its_gain_and_gamma(gamma):
+    model = lcnnify(nn.Sequential(nn.BatchNorm1d(4)), example_inputs=torch.randn(3, 4)).to(DT).eval()
+    bn = model.get_submodule("0")
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.01, 0.5, 1.0, 4.0], dtype=DT))
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 1.0, 3.0]))
+        bn.log_gamma_minus_1.fill_(math.log(gamma - 1.0))
+    gain = max(abs(w) / math.sqrt(v + bn.eps) for w, v in ((0.5, 0.01), (-2.0, 0.5), (1.0, 1.0), (3.0, 4.0)))
+    b = bound(model, (4,))
+    assert b.lipschitz == pytest.approx(min(gain, gamma), rel=1e-8)
+    J = _jacobian(model, torch.randn(1, 4, dtype=DT))                  # diagonal: its norm is the gain
+    assert float(torch.linalg.matrix_norm(J, 2)) == pytest.approx(b.lipschitz, rel=1e-8)
 
 
 class _ResidualSoftplus(nn.Module):
@@ -358,6 +378,50 @@ def test_mean_and_scalar_multiply():
     assert b.lipschitz == pytest.approx(1.5 / 3.0, rel=1e-8)   # |-3| / 2 / sqrt(9)
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = CenteredSoftplus(beta=3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = _Block()
+        self.b2 = _Block()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b2(self.b1(x)))
+
+
+def test_untraced_and_graphmodule_submodules_are_analysed_recursively():
+    torch.manual_seed(0)
+    from lcnnify.convert.trace import LCNNTracer
+
+    net = _TwoBlocks().to(DT).eval()
+    flat = bound(net, (4,))                                           # traced by bound() itself
+
+    class LeafTracer(LCNNTracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, (_Block, torch.fx.GraphModule)) or super().is_leaf_module(m, name)
+
+    leafy = torch.fx.GraphModule(net, LeafTracer().trace(net))       # b1, b2: call_module of an untraced _Block
+    b_leaf = bound(leafy, (4,))
+    net.b1 = torch.fx.GraphModule(net.b1, LCNNTracer().trace(net.b1))  # b1: a GraphModule inside the graph
+    nested = torch.fx.GraphModule(net, LeafTracer().trace(net))
+    b_nested = bound(nested, (4,))
+    for b in (b_leaf, b_nested):
+        assert b.certified
+        assert b.lipschitz == pytest.approx(flat.lipschitz, rel=1e-12)
+        assert b.logit_hessian == pytest.approx(flat.logit_hessian, rel=1e-12)
+    assert any(k.startswith("b1/") for k in b_nested.per_node)
+
+
 # ==========================================================================================================
 # conv operator norms: certified upper bounds, exact dense, estimates from below
 
@@ -374,7 +438,7 @@ def _dense_conv_norm(conv: nn.Conv2d, shape: tuple[int, ...]) -> float:
     return math.sqrt(float(torch.linalg.eigvalsh(G)[-1]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(cin=st.integers(1, 3), cout_mult=st.integers(1, 3), groups_on=st.booleans(), k=st.integers(1, 4),
        stride=st.integers(1, 3), dilation=st.integers(1, 2), pad=st.integers(0, 2), size=st.integers(1, 7),
        mode=st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]), seed=st.integers(0, 999))
@@ -398,6 +462,21 @@ def test_conv_norm_bound_is_an_upper_bound_and_dense_is_exact(cin, cout_mult, gr
     assert dense == pytest.approx(exact, rel=1e-7, abs=1e-12)
     assert auto >= exact * (1 - 1e-9)
     assert est <= exact * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fft_bound_holds_for_single_channel_small_maps(seed):
+    """Single-channel convolutions on tiny maps: where a wrapped-around circulant would be too small."""
+    g = torch.Generator().manual_seed(seed)
+    k, n = int(torch.randint(2, 4, (), generator=g)), int(torch.randint(1, 5, (), generator=g))
+    stride, pad = int(torch.randint(1, 3, (), generator=g)), int(torch.randint(0, 3, (), generator=g))
+    if n + 2 * pad < k:
+        return
+    conv = nn.Conv2d(1, 1, k, stride, pad, bias=False).to(DT)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=DT))
+    fft, _ = conv_norm_bound(conv.weight, _conv_geometry(conv), (1, n, n), method="fft")
+    assert fft >= _dense_conv_norm(conv, (1, n, n)) * (1 - 1e-9)
 
 
 def test_fft_bound_is_tight_on_larger_maps_and_used_for_them():

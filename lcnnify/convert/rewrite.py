@@ -34,7 +34,7 @@ from ..nn.batchnorm_act import LipschitzBatchNormAct
 from . import rules as R
 from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
-from .trace import graph_signature, trace
+from .trace import graph_signature, is_leaf, trace
 
 _HARMLESS_LEAVES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd,
@@ -88,6 +88,18 @@ class Converter:
         rule = R.rule_for_module(module)
         if rule is not None:  # a bare layer (e.g. the model IS a conv, or a fallback child)
             return self._convert_leaf_module(module, rule, prefix)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers without a forward of their own
+            for name, child in list(module.named_children()):
+                new = self.convert(child, _join(prefix, name))
+                if new is not child:
+                    setattr(module, name, new)
+            return module
+        if prefix and is_leaf(module):
+            # a leaf the tracer never enters (dropout, pooling, norms we keep...): tracing it as a root would
+            # bake its train-mode branch into a graph (e.g. dropout always on); keep it, report it if it voids
+            self._convert_fused_act(module, prefix)
+            self._report_leaf_module(module, prefix)
+            return module
         opaque: dict[str, str] = {}  # submodule path -> why it is kept as an untraced leaf
         while True:
             reason, culprit = self._try_trace(module, prefix, opaque)
@@ -366,21 +378,24 @@ class Converter:
     def _left(self, path: str, op: str, reason: str, voids: bool) -> None:
         self.report.left.append(Left(path, op, reason, voids))
 
+    def _report_leaf_module(self, m: nn.Module, path: str) -> None:
+        """Report a module that stays as it is (not traced into, no rule), if it voids the guarantee."""
+        for t, why in R.VOIDING_MODULES():
+            if isinstance(m, t):
+                return self._left(path, type(m).__name__, why, voids=True)
+        if type(m).__name__ in R.GATE_MODULE_NAMES:
+            return self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)",
+                              voids=False)
+        if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m) or id(m) in self._opaque_ids:
+            return None
+        return self._left(path, type(m).__name__, "opaque module (torch.fx does not trace into it): "
+                          "its curvature is not analysed", voids=True)
+
     def _report_voiding(self, node: fx.Node, modules: dict[str, nn.Module], prefix: str,
                         tensorish: set[fx.Node]) -> None:
         path = _join(prefix, self._site_path(node))
         if node.op == "call_module":
-            m = modules[node.target]
-            for t, why in R.VOIDING_MODULES():
-                if isinstance(m, t):
-                    return self._left(path, type(m).__name__, why, voids=True)
-            if type(m).__name__ in R.GATE_MODULE_NAMES:
-                return self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)",
-                                  voids=False)
-            if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m) or id(m) in self._opaque_ids:
-                return None
-            return self._left(path, type(m).__name__, "opaque module (torch.fx does not trace into it): "
-                              "its curvature is not analysed", voids=True)
+            return self._report_leaf_module(modules[node.target], path)
         if node.op == "call_function":
             if node.target in R.VOIDING_FUNCTIONS:
                 return self._left(path, _site_name(node), R.VOIDING_FUNCTIONS[node.target], voids=True)

@@ -81,6 +81,11 @@ def trace(model: nn.Module, *, training: bool | None = None, leaves: Iterable[nn
         model.train(was_training)
 
 
+def is_leaf(module: nn.Module) -> bool:
+    """Whether :class:`LCNNTracer` treats ``module`` as a leaf (never traces into it)."""
+    return LCNNTracer().is_leaf_module(module, "")
+
+
 def graph_signature(graph: fx.Graph) -> list[tuple[str, Any]]:
     """A structural fingerprint of a graph (op and target of every node), to compare train/eval traces."""
     return [(n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target)))

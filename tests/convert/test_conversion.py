@@ -307,3 +307,15 @@ def test_zero_initialised_batchnorm_weights_give_finite_gradients():
     loss.backward()
     for name, p in lc.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_fallback_keeps_dropout_mode_dependent():
+    """A fallback model's Dropout child must stay a Dropout (off in eval), not a graph traced in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), _Untraceable())
+    model[1].drop = nn.Dropout(0.5)
+    lc = lcnnify(model)
+    drop = lc.get_submodule("1.drop")
+    assert isinstance(drop, nn.Dropout)
+    drop.eval()
+    torch.testing.assert_close(drop(torch.ones(1, 12)), torch.ones(1, 12))
