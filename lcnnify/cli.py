@@ -65,6 +65,13 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _gamma0(text: str) -> float:
+    v = _positive_float(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"gamma must be >= 1 (paper §3.4.2), got {text!r}")
+    return v
+
+
 def _input_size(values: Sequence[int] | None, spec: str, default: Sequence[int]) -> tuple[int, ...]:
     """Validate ``--input-size``: C H W (3 positive integers); vector models (``mlp``) take any number."""
     from .models import parse_model_spec
@@ -234,10 +241,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .convert import lcnnify
-
-    out = _check_writable_file(args.out, "output file") if args.out else None
     from .models import parse_model_spec
 
+    out = _check_writable_file(args.out, "output file") if args.out else None
     try:
         source, name = parse_model_spec(args.model)
     except ValueError as exc:
@@ -385,12 +391,14 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, 
         raise CLIError(f"no checkpoint file {str(p)!r}" + (" (it is a directory)" if p.is_dir() else ""))
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as exc:
+    except OSError as exc:
+        raise CLIError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    except (pickle.UnpicklingError, EOFError, IndexError, KeyError, TypeError) as exc:  # garbage, not a pickle
         raise CLIError(f"cannot read {str(p)!r}: it is not a checkpoint written by torch.save "
                        f"({type(exc).__name__})") from None
-    except (RuntimeError, ValueError, OSError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickled objects...: a bad input file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot read {str(p)!r} as a checkpoint ({type(exc).__name__}: {first})") from None
+        raise CLIError(f"cannot read {str(p)!r} as a checkpoint ({type(exc).__name__}: {first[:300]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = (" (it is a lcnnify.train.fit resume file; use the checkpoint written by `lcnnify train`)"
                 if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("lcnnify.train") else "")
@@ -534,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=_positive_int, help="classifier outputs (default 1000; built-in 10)")
     c.add_argument("--out", "-o", help="save {state_dict, model, num_classes, input_size, ...} to this file")
     c.add_argument("--beta0", type=_positive_float, help="initial centered-softplus beta (default 5)")
-    c.add_argument("--gamma0", type=float, help="initial BatchNorm gamma, >= 1 (default 10)")
+    c.add_argument("--gamma0", type=_gamma0, help="initial BatchNorm gamma, >= 1 (default 10)")
     c.add_argument("--width", type=_positive_int, default=16, help=argparse.SUPPRESS)
     c.add_argument("--bound", choices=("certified", "estimate", "none"), default="certified",
                    help="the data-free curvature bound: certified operator norms (default; slow for big models), "

@@ -15,14 +15,6 @@ SEVEN = ("standard", "lcnn", "gradreg", "lcnn+gradreg", "cure", "softplus+wd", "
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_demo_quick_writes_results_tables_and_figures(capsys, tmp_path):
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "--no-progress", "--out", str(out)])
