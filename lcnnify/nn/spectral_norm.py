@@ -345,10 +345,25 @@ class ConvSpectralNorm(nn.Module):
                     self.u.copy_(av / sigma.clamp_min(self.eps))
                     self.v.copy_(v)
             else:
+                needs_graph = torch.is_grad_enabled() and w.requires_grad
+                key = None
+                if not needs_graph and not torch.compiler.is_compiling():
+                    # inference: W / sigma only changes when W or v change (in-place updates bump _version)
+                    key = (weight.data_ptr(), weight._version, self.v.data_ptr(), self.v._version, weight.dtype)
+                    cached = self.__dict__.get("_eval_cache")
+                    if cached is not None and cached[0] == key:
+                        return cached[1]
                 v = self.v if self.v.dtype == cd else self.v.to(cd)
-                if torch.is_grad_enabled() and w.requires_grad:
+                if needs_graph:
                     v = v.clone()  # later in-place updates of the buffer must not touch this graph
                 sigma = torch.linalg.vector_norm(op.forward(v, w))
+                if key is not None:
+                    sigma = sigma.clamp_min(self.eps)
+                    self.__dict__["_last_sigma"] = sigma.detach()
+                    out = w / sigma
+                    out = out if out.dtype == weight.dtype else out.to(weight.dtype)
+                    self.__dict__["_eval_cache"] = (key, out)
+                    return out
             sigma = sigma.clamp_min(self.eps)
             self.__dict__["_last_sigma"] = sigma.detach()
             out = w / sigma

@@ -324,3 +324,22 @@ def test_linear_spectral_norm_is_exact_and_detected():
         linear_spectral_norm(lin)
     assert isinstance(lin.parametrizations.weight[0], nn.Module)
     assert not isinstance(lin.parametrizations.weight[0], ConvSpectralNorm)
+
+
+def test_eval_cache_follows_weight_updates_and_checkpoint_loads():
+    """Inference caches W / sigma; an in-place weight update or a loaded state must invalidate it."""
+    from lcnnify.nn import conv_spectral_norm
+
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(torch.nn.Conv2d(2, 3, 3, padding=1), input_shape=(2, 6, 6)).eval()
+    x = torch.randn(1, 2, 6, 6)
+    with torch.no_grad():
+        y0 = conv(x)
+        assert torch.equal(conv(x), y0)  # served from the cache
+        conv.parametrizations.weight.original.mul_(-1.0)  # in-place change of the raw weight
+        torch.testing.assert_close(conv(x) - conv.bias.view(1, -1, 1, 1), -(y0 - conv.bias.view(1, -1, 1, 1)))
+        other = conv_spectral_norm(torch.nn.Conv2d(2, 3, 3, padding=1), input_shape=(2, 6, 6)).eval()
+        other.load_state_dict(conv.state_dict())
+        torch.testing.assert_close(other(x), conv(x))
+        conv.load_state_dict({k: v * (2.0 if k.endswith("original") else 1.0) for k, v in conv.state_dict().items()})
+        torch.testing.assert_close(conv(x), other(x) - other.bias.view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1))
