@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model with one of the paper's methods (paper recipe)",
                        description="Train MODEL on a dataset with the paper's recipe (§5: SGD momentum 0.9, lr 0.1 "
-                                   "x0.1 at 75%% and 87.5%% of the epochs, weight decay 5e-4, batch 128, 200 "
+                                   "x0.1 at 75% and 87.5% of the epochs, weight decay 5e-4, batch 128, 200 "
                                    "epochs) and one of its seven methods; saves a checkpoint for `lcnnify "
                                    "evaluate`. An interrupted run resumes from OUT.partial.",
                        epilog=_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

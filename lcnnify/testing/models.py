@@ -22,9 +22,9 @@ class SharedReluNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(x))
         y = self.relu(y)
-        z = x + y
+        z = x - y  # (can be negative: the in-place relu below matters)
         F.relu(z, inplace=True)          # result unused: the in-place op mutates z
-        z = self.relu(z) + z.relu()
+        z = self.relu(z) + z.relu() + z  # the last z must read the in-place relu result
         return self.fc(z.mean((2, 3)))
 
 
