@@ -247,3 +247,19 @@ def test_the_documented_training_loop_runs():
         model = namespace["model"]
         assert hasattr(model, "lcnn_report")
         assert namespace["sched"].last_epoch == 1
+
+
+@pytest.mark.parametrize("mode", ["eval", "current"])
+def test_cure_mode_reaches_the_penalty(small_digits, mode):
+    from lcnnify.regularizers import cure_penalty
+    from lcnnify.train import method_loss
+
+    (x, y), _ = small_digits
+    torch.manual_seed(0)
+    model = TinyCNN(classes=10, c=4).train()
+    out = method_loss(model, x[:16], y[:16], "cure", cure_mode=mode)
+    assert model.training
+    expected = cure_penalty(model, x[:16], y[:16], mode=mode).item()
+    assert out.terms["cure"] == pytest.approx(expected, rel=1e-4)
+    other = cure_penalty(model, x[:16], y[:16], mode="current" if mode == "eval" else "eval").item()
+    assert out.terms["cure"] != pytest.approx(other, rel=1e-3)  # the two modes really differ here
