@@ -11,7 +11,6 @@ Target (issue #2): LCNN training step <= 1.25x (the paper's implementation: 1.6x
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -784,8 +784,6 @@ def run_demo(out: str | os.PathLike = "lcnnify-demo", *, quick: bool = False, co
     ``overrides`` replace :class:`DemoConfig` fields (``seeds=2``, ``epochs=5``, ``workers=1``...).
     ``echo`` prints the tables (default: ``print``).
     """
-    import torch
-
     from . import __version__
     from .data import digits
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import HealthCheck, settings
 
 # One intra-op thread for the whole suite: the test models are tiny, and on a 2-core machine OpenMP threads

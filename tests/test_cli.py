@@ -6,15 +6,14 @@ The CLI runs in-process (`main(argv)`) for speed; one subprocess checks `python 
 from __future__ import annotations
 
 import json
-import pickle
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from lcnnify.testing.fake_data import write_cifar10
 
 from lcnnify.cli import CHECKPOINT_FORMAT, main
 
@@ -28,37 +27,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------------- fake CIFAR-10 in the real format
-class Py2Pickler(pickle._Pickler):
-    """Writes str/bytes as Python 2 8-bit strings, like the official CIFAR python batches (b'data' keys)."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_str8(self, obj):
-        b = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
-        if len(b) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
-        self.memoize(obj)
-
-    dispatch[str] = _save_str8
-    dispatch[bytes] = _save_str8
-
-
 def write_fake_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-        entry = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)], "filenames": [f"{name}_{i}.png" for i in range(n)]}
-        with open(folder / name, "wb") as fh:
-            Py2Pickler(fh, protocol=2).dump(entry)
-    with open(folder / "batches.meta", "wb") as fh:
-        Py2Pickler(fh, protocol=2).dump({"label_names": [f"c{i}" for i in range(10)],
-                                         "num_cases_per_batch": per_batch, "num_vis": 3072})
-    with open(folder / "data_batch_1", "rb") as fh:  # the real files' format: bytes keys
-        assert set(pickle.load(fh, encoding="bytes")) >= {b"data", b"labels"}
+    write_cifar10(root, per_batch=per_batch, n_test=n_test, seed=seed)
     return root
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
+
+from lcnnify.testing.fake_data import dump_py2, write_cifar10
 
 from lcnnify.data import digits, input_shape, load_dataset, num_classes, two_moons
 from lcnnify.errors import DatasetNotFoundError, LCNNError
@@ -63,49 +64,8 @@ def test_load_dataset_digits_and_helpers():
 
 
 # ------------------------------------------------------------------------------------- on disk
-class Py2Pickler(pickle._Pickler):
-    """Writes pickles as Python 2 did (the CIFAR batches are Python 2 pickles): str/bytes as 8-bit strings.
-
-    Loaded with ``encoding="bytes"`` the keys are ``b"data"``, ``b"labels"``; with ``encoding="latin1"``
-    (torchvision) they are ``"data"``, ``"labels"`` -- exactly like the official files.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_str8(self, obj):
-        b = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
-        if len(b) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
-        self.memoize(obj)
-
-    dispatch[str] = _save_str8
-    dispatch[bytes] = _save_str8
-
-
-def _dump_py2(obj, path):
-    with open(path, "wb") as fh:
-        Py2Pickler(fh, protocol=2).dump(obj)
-
-
-def _write_cifar10(root, per_batch=2, n_test=3, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-        entry = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)], "filenames": [f"{name}_{i}.png" for i in range(n)]}
-        _dump_py2(entry, folder / name)
-        batches[name] = entry
-    _dump_py2({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072},
-              folder / "batches.meta")
-    return batches
-
-
 def test_load_cifar10_from_real_format_files(tmp_path):
-    batches = _write_cifar10(tmp_path)
+    batches = write_cifar10(tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:  # the real files' format
         assert set(pickle.load(fh, encoding="bytes")) >= {b"data", b"labels"}
     train = load_dataset("cifar10", tmp_path, train=True)
@@ -128,10 +88,10 @@ def test_load_cifar100_from_real_format_files(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, n in [("train", 4), ("test", 2)]:
-        _dump_py2({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        dump_py2({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                    "fine_labels": [int(v) for v in rng.integers(0, 100, n)], "coarse_labels": [0] * n},
                   folder / name)
-    _dump_py2({"fine_label_names": [f"f{i}" for i in range(100)],
+    dump_py2({"fine_label_names": [f"f{i}" for i in range(100)],
                "coarse_label_names": [f"g{i}" for i in range(20)]}, folder / "meta")
     ds = load_dataset("cifar100", tmp_path, train=True)
     assert len(ds) == 4 and ds[0][0].shape == (3, 32, 32) and 0 <= ds[0][1] < 100
@@ -188,7 +148,7 @@ def test_missing_files_raise_clear_error(tmp_path, name, expected):
 
 
 def test_partially_missing_cifar_lists_the_missing_files(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DatasetNotFoundError, match="data_batch_4"):
         load_dataset("cifar10", tmp_path, train=True)

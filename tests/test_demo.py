@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from lcnnify.cli import main
 from lcnnify.demo import METHOD_LABELS, DemoConfig, _aggregate, _findings, _tables, eps_note, format_table

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 

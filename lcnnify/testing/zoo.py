@@ -12,7 +12,6 @@ ran but was neither converted nor reported.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
