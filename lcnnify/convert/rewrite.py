@@ -20,7 +20,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import Counter
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -69,7 +69,6 @@ class Converter:
         self._skip_res = [re.compile(s[3:]) for s in config.skip if s.startswith("re:")]
         self._skip_names = {s for s in config.skip if not s.startswith("re:")}
         self._opaque_ids: set[int] = set()  # submodules kept untraced (converted module by module)
-        self._graphs: tuple[fx.Graph, fx.Graph] | None = None
         # the family -> factory table (DESIGN: pattern -> replacement, not an if-chain)
         self._factories: dict[str, Callable[[nn.Module | None, str, fx.Node | None], nn.Module | None]] = {
             "relu": self._activation,
@@ -102,13 +101,12 @@ class Converter:
             return module
         opaque: dict[str, str] = {}  # submodule path -> why it is kept as an untraced leaf
         while True:
-            reason, culprit = self._try_trace(module, prefix, opaque)
-            if reason is None or culprit is None or culprit in opaque:
+            g_train, reason, culprit = self._try_trace(module, prefix, opaque)
+            if g_train is not None or culprit is None or culprit in opaque:
                 break
             # trace around the offending submodule (a leaf), then convert that one module by module
             opaque[culprit] = reason
-        if reason is None:
-            g_train = self._graphs[0]
+        if g_train is not None:
             gm = fx.GraphModule(module, g_train, class_name=type(module).__name__)
             # keep the user's module hierarchy (Sequential, blocks...) instead of fx's bare containers, so that
             # model.features[0] still works and the state-dict keys are exactly the original ones
@@ -122,23 +120,22 @@ class Converter:
         return self._convert_children(module, prefix, reason)
 
     def _try_trace(self, module: nn.Module, prefix: str,
-                   opaque: dict[str, str]) -> tuple[str | None, str | None]:
-        """Trace in train and eval mode. Returns (None, None) on success, else (reason, culprit submodule path
-        or None when the module's own forward is at fault)."""
+                   opaque: dict[str, str]) -> tuple[fx.Graph | None, str, str | None]:
+        """Trace in train and eval mode. Returns (train graph, "", None) when both traces agree, else
+        (None, reason, culprit submodule path or None when the module's own forward is at fault)."""
         leaves = [module.get_submodule(p) for p in opaque]
         try:
             g_train = trace(module, training=True, leaves=leaves)
             g_eval = trace(module, training=False, leaves=leaves)
         except Exception as e:  # noqa: BLE001 - any tracing failure means fallback
+            where, msg, culprit = _trace_failure(module, prefix, e)
             if not self.config.allow_fallback:
-                raise self._trace_error(module, prefix, e) from e
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            culprit = _culprit(module, e)
-            where = f" in the forward of '{_join(prefix, culprit[0])}' ({culprit[1]})" if culprit else ""
-            return f"torch.fx cannot trace it{where} ({type(e).__name__}: {msg[:200]})", \
-                (culprit[0] if culprit else None)
-        sig_t, sig_e = graph_signature(g_train), graph_signature(g_eval)
-        if sig_t != sig_e:
+                raise ConversionError(
+                    f"torch.fx cannot trace {where}: {msg}. Fix: make that forward traceable by torch.fx (no "
+                    "data-dependent control flow), or pass allow_fallback=True to convert it module by module "
+                    "(its own forward is then left as it is and reported).") from e
+            return None, f"torch.fx cannot trace {where} ({msg})", culprit
+        if graph_signature(g_train) != graph_signature(g_eval):
             culprit = _divergence(g_train, g_eval)
             why = ("its forward takes different paths in train and eval mode (auxiliary heads or a module "
                    "reading self.training)")
@@ -146,20 +143,8 @@ class Converter:
                 raise ConversionError(
                     f"cannot convert '{_join(prefix, culprit or '') or '<root>'}': {why}. Fix: pass "
                     "allow_fallback=True to convert it module by module.")
-            return why, culprit
-        self._graphs = (g_train, g_eval)
-        return None, None
-
-    @staticmethod
-    def _trace_error(module: nn.Module, prefix: str, e: BaseException) -> ConversionError:
-        culprit = _culprit(module, e)
-        where = (f"the forward of '{_join(prefix, culprit[0])}' ({culprit[1]})" if culprit else
-                 f"the forward of '{prefix or '<root>'}' ({type(module).__name__})")
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return ConversionError(
-            f"torch.fx cannot trace {where}: {type(e).__name__}: {msg[:300]}. Fix: make that forward traceable "
-            "by torch.fx (no data-dependent control flow), or pass allow_fallback=True to convert it module by "
-            "module (its own forward is then left as it is and reported).")
+            return None, why, culprit
+        return g_train, "", None
 
     # ================================================================== graph route
     def _rewrite_graph(self, gm: fx.GraphModule, prefix: str) -> None:
@@ -477,6 +462,15 @@ def _site_name(node: fx.Node | None) -> str:
     return f"{mod}.{name}"
 
 
+def _trace_failure(module: nn.Module, prefix: str, exc: BaseException) -> tuple[str, str, str | None]:
+    """(where it failed, the error in one line, the culprit submodule path or None) of a tracing error."""
+    culprit = _culprit(module, exc)
+    where = (f"the forward of '{_join(prefix, culprit[0])}' ({culprit[1]})" if culprit else
+             f"the forward of '{prefix or '<root>'}' ({type(module).__name__})")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return where, f"{type(exc).__name__}: {first[:300]}", culprit[0] if culprit else None
+
+
 def _culprit(module: nn.Module, exc: BaseException) -> tuple[str, str] | None:
     """The innermost submodule of ``module`` whose forward was running when tracing raised ``exc``."""
     names = {id(m): n for n, m in module.named_modules()}
@@ -539,6 +533,3 @@ def _redirect_inplace_readers(new_node: fx.Node, order: dict[fx.Node, int]) -> N
         if user is not new_node and order.get(user, -1) > pos:
             user.replace_input_with(src, new_node)
 
-
-def iter_converted_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if is_lcnn_layer(m))

@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import is_lcnn_layer
+
 # ----------------------------------------------------------------------------------------------------------
 # optional third-party types (timm, torchvision); resolved lazily so that neither package is required
 
@@ -170,8 +172,6 @@ def is_rule_leaf(m: nn.Module) -> bool:
         types += [t for t, _ in VOIDING_MODULES()]
         types += [nn.Sigmoid, nn.Tanh, nn.Hardsigmoid] + list(_timm("Sigmoid", "Tanh", "HardSigmoid"))
         _LEAF_TYPES = tuple(types)
-    from lcnnify.nn import is_lcnn_layer
-
     return isinstance(m, _LEAF_TYPES) or is_lcnn_layer(m)
 
 
