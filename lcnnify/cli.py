@@ -2,8 +2,12 @@
 
     lcnnify demo [--out DIR] [--quick]              Fig. 1, Tables 1-3 and Fig. 2 of the paper in miniature
     lcnnify convert timm:resnet18 [--input-size 3 224 224] [--num-classes N] [--out converted.pt]
-    lcnnify train --model small_cnn --dataset digits --method lcnn [--epochs 200] [--out run.pt]
+    lcnnify train --model cifar_resnet18 --dataset cifar10 --method lcnn [--epochs 200] [--out run.pt]
+    lcnnify train --recipe finetune --init trained.pt --dataset digits   a trained model -> a low-curvature one
     lcnnify evaluate run.pt [--dataset digits]      Table 1/2/3 rows of a trained model
+
+Outputs go where ``--out`` says; the defaults are under ``./runs/`` (``runs/demo``, ``runs/DATASET-METHOD.pt``),
+never loose files in the working directory.
 
 Anticipated errors (unknown model, missing dataset files, bad input size, unwritable output, unreadable
 checkpoint, a model that cannot be converted) print ``lcnnify: error: <message>`` on stderr and exit with status
@@ -21,10 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["main", "build_parser", "CLIError"]
+from .train.checkpoint import FORMAT as CHECKPOINT_FORMAT
+
+__all__ = ["main", "build_parser", "CLIError", "CHECKPOINT_FORMAT", "RUNS_DIR"]
 
 PROG = "lcnnify"
-CHECKPOINT_FORMAT = "lcnnify.cli/1"
+#: Where outputs go by default (listed in the project's .gitignore).
+RUNS_DIR = "runs"
 
 
 class CLIError(Exception):
@@ -106,15 +113,13 @@ def _check_writable_file(path: str | os.PathLike, what: str = "output file") -> 
     return p
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    import torch
+def _save(path: Path, state_dict: Any, **meta: Any) -> None:
+    """Write a final checkpoint (the one format of :mod:`lcnnify.train.checkpoint`, no training state)."""
+    from .train.checkpoint import save_checkpoint
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, state_dict, **meta)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CLIError(f"cannot write {str(path)!r}: {exc.strerror or exc}", code=1) from None
 
 
@@ -128,7 +133,7 @@ def _default_device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build_model(spec: str, num_classes: int, shape: Sequence[int], width: int = 16) -> Any:
+def _build_model(spec: str, num_classes: int, shape: Sequence[int], width: int | None = None) -> Any:
     from .models import UnknownModelError, create_model
 
     try:
@@ -166,6 +171,8 @@ def _default_input_size(model: Any, spec: str) -> tuple[int, ...]:
         return tuple(size) if size else (3, 224, 224)
     if source == "torchvision":
         return (3, 299, 299) if name.startswith("inception") else (3, 224, 224)
+    if name.startswith("cifar_"):
+        return (3, 32, 32)
     return (2,) if name == "mlp" else (1, 8, 8)
 
 
@@ -244,7 +251,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         shape = _input_size(args.input_size, args.model, ())
         model = _build_model(args.model, num_classes, shape, args.width)
     else:
-        build = (3, 224, 224) if source != "builtin" else ((2,) if name == "mlp" else (1, 8, 8))
+        build = (3, 224, 224) if source != "builtin" else ((2,) if name == "mlp" else
+                                                          (3, 32, 32) if name.startswith("cifar_") else (1, 8, 8))
         model = _build_model(args.model, num_classes, build, args.width)
         shape = _default_input_size(model, args.model)
     _check_accepts(model, args.model, shape)
@@ -267,10 +275,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         for line in _bound_lines(converted, shape, args.bound):
             print(line)
     if out is not None:
-        payload = {"format": CHECKPOINT_FORMAT, "model": args.model, "method": "lcnn", "num_classes": num_classes,
-                   "input_size": list(shape), "width": args.width, "lcnn_overrides": overrides,
-                   "state_dict": converted.state_dict(), "report": report.to_dict(), "trained": False}
-        _atomic_save(payload, out)
+        _save(out, converted.state_dict(), model=args.model, method="lcnn", num_classes=num_classes,
+              input_size=list(shape), width=args.width, lcnn_overrides=overrides, report=report.to_dict(),
+              trained=False)
         print(f"\nsaved the converted model to {out} (load it with `lcnnify evaluate {out} --dataset ...`, "
               "or rebuild it with lcnnify(model, example_inputs=...) and load_state_dict(ckpt['state_dict']))",
               file=sys.stderr if args.json else sys.stdout)
@@ -307,6 +314,59 @@ def _check_data_dir(data_dir: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train
+def _lcnn_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The LCNN conversion options given on the command line (beta0, gamma0, lambda_beta, lambda_gamma)."""
+    return {k: v for k in ("beta0", "gamma0", "lambda_beta", "lambda_gamma")
+            if (v := getattr(args, k, None)) is not None}
+
+
+def _recipe(args: argparse.Namespace, epochs: int | None) -> Any:
+    """The training recipe: the ``--recipe`` preset with the flags given on the command line."""
+    from .train import get_recipe
+
+    given = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+             "weight_decay": args.weight_decay, "gradreg_weight": args.gradreg_weight}
+    try:
+        return get_recipe(args.recipe).replace(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _load_init(path: str, base: Any, spec: str, device: str) -> Any:
+    """The trained model to start from (``--init``): a lcnnify checkpoint of the same architecture, or a plain
+    ``state_dict`` of the base model (e.g. pretrained weights; ``{"state_dict": ...}`` is unwrapped too)."""
+    import torch
+
+    from .train import METHOD_SPECS
+    from .train.checkpoint import read_checkpoint
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CLIError(f"--init: no checkpoint file {str(p)!r}")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure: not a loadable weights file
+        raise CLIError(f"--init: cannot read {str(p)!r} as a checkpoint ({type(exc).__name__})") from None
+    if isinstance(raw, dict) and "format" in raw:
+        ckpt = read_checkpoint(p)  # checks the format
+        if ckpt.get("model") not in (None, spec):
+            raise CLIError(f"--init {str(p)!r} holds a {ckpt['model']} model, not {spec} (pass --model "
+                           f"{ckpt['model']})")
+        spec_ = METHOD_SPECS.get(ckpt.get("method", ""))
+        if spec_ is not None and spec_.lcnn:  # already an LCNN: continue from it as it is
+            return load_checkpoint(p, device)[0]
+        state = ckpt["state_dict"]  # a softplus baseline has the base model's parameter names
+    else:
+        state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+        if not isinstance(state, dict):
+            raise CLIError(f"--init {str(p)!r} is neither a lcnnify checkpoint nor a state_dict")
+    try:
+        base.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CLIError(f"--init {str(p)!r}: the weights do not fit {spec}: {str(exc).splitlines()[0]}") from None
+    return base
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -315,10 +375,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:  # argparse choices already checks; keep for programmatic calls
         raise CLIError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 200)
+    if args.recipe == "finetune" and args.init is None:
+        raise CLIError("--recipe finetune starts from a trained model: pass --init CHECKPOINT (a checkpoint of "
+                       "`lcnnify train`, or a state_dict of the base model)")
+    rec = _recipe(args, args.epochs if args.epochs is not None else (1 if args.quick else None))
     max_train = args.max_train_samples if args.max_train_samples is not None else (512 if args.quick else None)
     max_test = args.max_test_samples if args.max_test_samples is not None else (256 if args.quick else None)
-    out = _check_writable_file(args.out or f"{args.dataset}-{args.method.replace('+', '_')}.pt", "checkpoint")
+    suffix = "" if args.recipe == "paper" else f"-{args.recipe}"
+    out = _check_writable_file(args.out or Path(RUNS_DIR) / f"{args.dataset}-{args.method.replace('+', '_')}"
+                               f"{suffix}.pt", "checkpoint")
     _check_data_dir(args.data_dir)
     num_classes, shape = _dataset_args(args.dataset, args.data_dir, args.image_size)
     augment = not args.no_augment and args.dataset != "digits"
@@ -330,21 +395,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     base = _build_model(args.model, num_classes, shape, args.width)
     _check_accepts(base, args.model, shape)
+    if args.init is not None:
+        base = _load_init(args.init, base, args.model, device)
     base.to(device)
+    overrides = _lcnn_overrides(args)
     print(f"training {args.model} on {args.dataset} ({len(train_ds)} train / {len(test_ds)} test, input "
-          f"{' '.join(map(str, shape))}, {num_classes} classes) with method {args.method!r}: {epochs} epochs, batch "
-          f"{args.batch_size}, SGD lr {args.lr} momentum 0.9 (x0.1 at 75% and 87.5% of the epochs), weight decay "
-          f"{args.weight_decay}{', augmentation' if augment else ''}, device {device}", flush=True)
+          f"{' '.join(map(str, shape))}, {num_classes} classes) with method {args.method!r}, recipe {rec.name!r}"
+          + (f" from {args.init}" if args.init else "") + f": {rec.epochs} epochs, batch {rec.batch_size}, SGD lr "
+          f"{rec.lr} momentum {rec.momentum} ("
+          + ("x0.1 at 75% and 87.5% of the epochs" if rec.schedule == "step" else f"{rec.schedule} schedule")
+          + f"), weight decay {rec.weight_decay}" + (f", LCNN options {overrides}" if overrides else "")
+          + f"{', augmentation' if augment else ''}, device {device}", flush=True)
     partial = out.with_name(out.name + ".partial")
     history = out.with_name(out.name + ".history.json")
     if partial.exists():
         print(f"resuming from {partial}", flush=True)
+    meta = {"model": args.model, "dataset": args.dataset, "image_size": args.image_size,
+            "num_classes": num_classes, "input_size": list(shape), "width": args.width, "lcnn_overrides": overrides}
     try:
-        res = fit(base, train_ds, test_ds, method=args.method, epochs=epochs, batch_size=args.batch_size,
-                  lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, device=device,
-                  checkpoint=partial, history_path=history, progress=not args.no_progress,
-                  num_workers=args.num_workers)
-    except ValueError as exc:  # fit's argument checks, resume mismatches
+        res = fit(base, train_ds, test_ds, method=args.method, recipe=rec, seed=args.seed, device=device,
+                  checkpoint=partial, checkpoint_meta=meta, history_path=history, progress=not args.no_progress,
+                  num_workers=args.num_workers, prepare_kwargs=overrides or None)
+    except (ValueError, TypeError) as exc:  # fit's argument checks, resume mismatches, options for a baseline
         raise CLIError(str(exc)) from None
     except FloatingPointError as exc:
         raise CLIError(str(exc), code=1) from None
@@ -354,11 +426,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = res.model.to("cpu")
     last = res.history[-1]
     secs = [h["seconds"] for h in res.history]
-    payload = {"format": CHECKPOINT_FORMAT, "model": args.model, "method": args.method, "dataset": args.dataset,
-               "image_size": args.image_size, "num_classes": num_classes, "input_size": list(shape),
-               "width": args.width, "lcnn_overrides": {}, "state_dict": model.state_dict(),
-               "history": res.history, "config": res.config, "trained": True}
-    _atomic_save(payload, out)
+    meta["lcnn_overrides"] = res.config.get("lcnn_options", overrides)
+    _save(out, model.state_dict(), **meta, method=args.method, history=res.history, config=res.config,
+          epoch=len(res.history), trained=True)
     partial.unlink(missing_ok=True)
     acc = last.get("test_acc")
     print(f"done: train loss {last['loss']:.4f}, train acc {100 * last['train_acc']:.2f}%"
@@ -371,35 +441,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------- evaluate
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """Rebuild the model of a ``lcnnify train`` / ``lcnnify convert --out`` checkpoint; returns (model, ckpt)."""
-    import pickle
-
     import torch
 
     from .train import METHODS, prepare_model
+    from .train.checkpoint import CheckpointError, read_checkpoint
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise CLIError(f"no checkpoint file {str(p)!r}" + (" (it is a directory)" if p.is_dir() else ""))
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise CLIError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
-    except (pickle.UnpicklingError, EOFError, IndexError, KeyError, TypeError) as exc:  # garbage, not a pickle
-        raise CLIError(f"cannot read {str(p)!r}: it is not a checkpoint written by torch.save "
-                       f"({type(exc).__name__})") from None
-    except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickled objects...: a bad input file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot read {str(p)!r} as a checkpoint ({type(exc).__name__}: {first[:300]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        hint = (" (it is a lcnnify.train.fit resume file; use the checkpoint written by `lcnnify train`)"
-                if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("lcnnify.train") else "")
-        raise CLIError(f"{str(p)!r} is not a checkpoint written by `lcnnify train` or `lcnnify convert --out`"
-                       + hint)
+        ckpt = read_checkpoint(p)
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from None
+    if ckpt.get("model") is None or "input_size" not in ckpt:
+        raise CLIError(f"{str(p)!r} was written by lcnnify.train.fit directly and does not say how to rebuild "
+                       "the model; rebuild it yourself and load ckpt['state_dict'] (or train with `lcnnify train`)")
     method = ckpt.get("method", "lcnn")
     if method not in METHODS:
         raise CLIError(f"{str(p)!r}: unknown method {method!r} in the checkpoint")
     shape = tuple(ckpt["input_size"])
-    base = _build_model(ckpt["model"], int(ckpt["num_classes"]), shape, int(ckpt.get("width", 16)))
+    base = _build_model(ckpt["model"], int(ckpt["num_classes"]), shape, ckpt.get("width"))
     model = prepare_model(base, method, example_inputs=torch.zeros(1, *shape), **ckpt.get("lcnn_overrides", {}))
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -422,9 +481,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from . import data
-    from .demo import METHOD_LABELS, PAPER_EPS, format_table
     from .metrics import evaluate_geometry, robust_accuracy, train_test_discrepancy
+    from .train import METHOD_LABELS
     from .train import evaluate as eval_acc
+    from .train.tables import PAPER_EPS, format_table
 
     json_out = _check_writable_file(args.json, "JSON output") if args.json else None
     device = _default_device(args.device)
@@ -500,7 +560,7 @@ _DATA_HELP = """dataset layouts under --data-dir (default $LCNNIFY_DATA_DIR or .
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data import DATASETS
-    from .train import METHODS
+    from .train import METHODS, RECIPES
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Turn any CNN into a Low-Curvature Neural Network (Srinivas et al., NeurIPS 2022).",
@@ -515,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Fig. 2 on scikit-learn's digits with a small CNN converted by lcnnify, all "
                                    "seven training methods of the paper, several seeds. Writes results.json, "
                                    "results.md and two PNGs to --out and prints the tables.")
-    d.add_argument("--out", "-o", default="lcnnify-demo", help="output directory (default: ./lcnnify-demo)")
+    d.add_argument("--out", "-o", default=f"{RUNS_DIR}/demo", help=f"output directory (default: ./{RUNS_DIR}/demo)")
     d.add_argument("--quick", action="store_true", help="a tiny version (seconds; for tests, numbers meaningless)")
     d.add_argument("--seeds", type=_positive_int, help="seeds per method (default 3; quick 2)")
     d.add_argument("--epochs", type=_positive_int, help="training epochs on digits (default 12; quick 1)")
@@ -534,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", "-o", help="save {state_dict, model, num_classes, input_size, ...} to this file")
     c.add_argument("--beta0", type=_positive_float, help="initial centered-softplus beta (default 5)")
     c.add_argument("--gamma0", type=_gamma0, help="initial BatchNorm gamma, >= 1 (default 10)")
-    c.add_argument("--width", type=_positive_int, default=16, help=argparse.SUPPRESS)
+    c.add_argument("--width", type=_positive_int, help=argparse.SUPPRESS)
     c.add_argument("--bound", choices=("certified", "estimate", "none"), default="certified",
                    help="the data-free curvature bound: certified operator norms (default; slow for big models), "
                         "power-iteration estimates (faster, not certified) or none")
@@ -544,27 +604,46 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with one of the paper's methods (paper recipe)",
                        description="Train MODEL on a dataset with the paper's recipe (§5: SGD momentum 0.9, lr 0.1 "
                                    "x0.1 at 75% and 87.5% of the epochs, weight decay 5e-4, batch 128, 200 "
-                                   "epochs) and one of its seven methods; saves a checkpoint for `lcnnify "
-                                   "evaluate`. An interrupted run resumes from OUT.partial.",
+                                   "epochs) and one of its seven methods, or fine-tune a trained model into an "
+                                   "LCNN (--recipe finetune --init CKPT: 20 epochs, lr 0.01, cosine, the curvature "
+                                   "penalty ramped up over the first half); one summary line per epoch; saves a "
+                                   "checkpoint for `lcnnify evaluate`. An interrupted run resumes from OUT.partial.",
                        epilog=_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--model", default="small_cnn", help="timm:NAME, torchvision:NAME or small_cnn (default)")
+    t.add_argument("--model", default="small_cnn",
+                   help="timm:NAME, torchvision:NAME, or built-in: small_cnn (default), cifar_resnet18, "
+                        "cifar_resnet34, cifar_vgg11 (the paper's §5 architectures, CIFAR form)")
     t.add_argument("--dataset", required=True, choices=DATASETS)
     t.add_argument("--data-dir", help="dataset root (default $LCNNIFY_DATA_DIR or ./data)")
     t.add_argument("--method", default="lcnn", choices=METHODS, help="training method (default lcnn)")
-    t.add_argument("--epochs", type=_positive_int, help="default 200 (the paper); --quick: 1")
-    t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--lr", type=_positive_float, default=0.1)
-    t.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    t.add_argument("--recipe", default="paper", choices=tuple(RECIPES),
+                   help="paper (default: from scratch) or finetune (from --init, a trained model)")
+    t.add_argument("--init", metavar="CKPT", help="start from these weights: a checkpoint of `lcnnify train`, or a "
+                                                  "state_dict of the base model (e.g. pretrained weights)")
+    t.add_argument("--epochs", type=_positive_int, help="default: the recipe's (paper 200, finetune 20); --quick: 1")
+    t.add_argument("--batch-size", type=_positive_int, help="default 128")
+    t.add_argument("--lr", type=_positive_float, help="initial learning rate (default: paper 0.1, finetune 0.01)")
+    t.add_argument("--momentum", type=_nonneg_float, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=_nonneg_float, help="default 5e-4 (never on beta and gamma)")
+    t.add_argument("--lambda-beta", type=_nonneg_float,
+                   help="weight of sum(beta) in the curvature penalty (LCNN methods; default 1e-2)")
+    t.add_argument("--lambda-gamma", type=_nonneg_float,
+                   help="weight of sum(log gamma) in the curvature penalty (LCNN methods; default 1e-2)")
+    t.add_argument("--gradreg-weight", type=_nonneg_float,
+                   help="weight of the gradient-norm penalty (gradreg methods; default 1e-3 * 1e5 / batch_size^2, "
+                        "the reference's constant)")
+    t.add_argument("--beta0", type=_positive_float, help="initial centered-softplus beta (LCNN methods; default 5)")
+    t.add_argument("--gamma0", type=_gamma0, help="initial BatchNorm gamma, >= 1 (LCNN methods; default 10)")
     t.add_argument("--image-size", type=_positive_int, help="resize images to N x N (default: native size)")
     t.add_argument("--no-augment", action="store_true", help="no random crop / flip (digits: never augmented)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--width", type=_positive_int, default=16, help="width of the built-in small_cnn")
+    t.add_argument("--width", type=_positive_int,
+                   help="width of a built-in model (default: small_cnn 16, cifar_* 64 as the paper)")
     t.add_argument("--max-train-samples", type=_positive_int, help="train on the first N samples only")
     t.add_argument("--max-test-samples", type=_positive_int, help="evaluate on the first N test samples only")
     t.add_argument("--quick", action="store_true", help="1 epoch on 512 train / 256 test samples (a smoke test)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    t.add_argument("--out", "-o", help="checkpoint file (default: DATASET-METHOD.pt)")
+    t.add_argument("--out", "-o", help=f"checkpoint file (default: {RUNS_DIR}/DATASET-METHOD.pt)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -599,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the ``lcnnify`` script exits with it)."""
     from .errors import ConversionError, DatasetNotFoundError, LCNNError
     from .models import UnknownModelError
+    from .train.checkpoint import CheckpointError
 
     parser = build_parser()
     try:
@@ -607,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     handlers: list[tuple[type[BaseException], Callable[[BaseException], int]]] = [
         (CLIError, lambda e: e.code),  # type: ignore[attr-defined]
+        (CheckpointError, lambda e: 2),
         (DatasetNotFoundError, lambda e: 2),
         (UnknownModelError, lambda e: 2),
         (ConversionError, lambda e: 1),

@@ -225,19 +225,15 @@ def _lcnn_options(rec: Recipe, given: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _build_model(model: nn.Module, spec: MethodSpec, rec: Recipe, train_ds: Dataset, prepare: bool,
-                 example_inputs: Any, prepare_kwargs: Mapping[str, Any] | None) -> nn.Module:
+def _build_model(model: nn.Module, spec: MethodSpec, train_ds: Dataset, prepare: bool, example_inputs: Any,
+                 kwargs: Mapping[str, Any]) -> nn.Module:
     if not prepare:
         if spec.lcnn and not has_lcnn_layers(model):
             warnings.warn(f"fit(method={spec.name!r}, prepare=False): the model has no LCNN layers, so its "
                           "curvature penalty is 0", LCNNWarning, stacklevel=3)
         return model
-    kwargs = dict(prepare_kwargs or {})
-    if spec.lcnn:
-        if example_inputs is None:
-            example_inputs = _example_batch(train_ds)
-        if not has_lcnn_layers(model):
-            kwargs = _lcnn_options(rec, kwargs)
+    if spec.lcnn and example_inputs is None:
+        example_inputs = _example_batch(train_ds)
     if example_inputs is not None:
         example_inputs = example_inputs.to(_resolve_device(model, None))
     return prepare_model(model, spec, example_inputs=example_inputs, **kwargs)
@@ -336,11 +332,14 @@ def fit(model: nn.Module, train_data: Any, test_data: Any = None, *, method: str
     if len(train_ds) == 0:  # type: ignore[arg-type]
         raise ValueError("train_data is empty")
     config = {**rec.to_config(spec), "seed": seed}
+    kwargs = dict(prepare_kwargs or {})
+    if spec.lcnn and prepare and not has_lcnn_layers(model):
+        kwargs = config["lcnn_options"] = _lcnn_options(rec, kwargs)  # the conversion, as recorded
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     state = _resume_state(ckpt_path, config)
 
     _seed_everything(seed)  # before preparing: the LCNN conversion draws its power-iteration start vectors
-    net = _build_model(model, spec, rec, train_ds, prepare, example_inputs, prepare_kwargs)
+    net = _build_model(model, spec, train_ds, prepare, example_inputs, kwargs)
     dev = _resolve_device(model, device)
     net.to(dev)
     optimizer = recipe_optimizer(net, lr=rec.lr, momentum=rec.momentum, weight_decay=config["weight_decay"])
@@ -378,7 +377,7 @@ def fit(model: nn.Module, train_data: Any, test_data: Any = None, *, method: str
                                           "rng": rng_state(*gens)})
             if history_path is not None:
                 atomic_write_text(history_path, json.dumps({"method": spec.name, "config": config,
-                                                            "history": history}, indent=1))
+                                                            "history": history}, indent=1, default=str))
             if callback is not None and callback(record):
                 break
     finally:
