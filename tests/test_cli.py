@@ -109,6 +109,80 @@ def test_train_and_evaluate_cifar10_from_files_on_disk(capsys, tmp_path):
     assert "Table 1" in out
 
 
+def test_train_flags_reach_the_recipe_the_penalty_and_the_checkpoint(capsys, tmp_path):
+    root = write_fake_cifar10(tmp_path / "data")
+    ckpt = tmp_path / "r18.pt"
+    code, out, err = run(capsys, "train", "--model", "cifar_resnet18", "--width", 4, "--dataset", "cifar10",
+                         "--data-dir", root, "--method", "lcnn+gradreg", "--epochs", 1, "--batch-size", 8,
+                         "--lr", 0.05, "--momentum", 0.5, "--weight-decay", 1e-3, "--gradreg-weight", 0.25,
+                         "--lambda-beta", 0.05, "--lambda-gamma", 0.02, "--no-progress", "--out", ckpt)
+    assert code == 0, err
+    saved = torch.load(ckpt, weights_only=True)
+    cfg = saved["config"]
+    assert (cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["gradreg_weight"]) == (0.05, 0.5, 1e-3, 0.25)
+    assert saved["lcnn_overrides"] == {"lambda_beta": 0.05, "lambda_gamma": 0.02}
+    assert saved["model"] == "cifar_resnet18" and saved["width"] == 4
+    rec = saved["history"][0]
+    assert {"min", "median", "max"} == set(rec["beta"]) == set(rec["gamma"])
+    # the evaluate path rebuilds the model with the same lambdas: its penalty is the one trained with
+    from lcnnify.cli import load_checkpoint
+    from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm
+
+    model, _ = load_checkpoint(ckpt)
+    betas = sum(float(m.beta.mean()) for m in model.modules() if isinstance(m, CenteredSoftplus))
+    log_gammas = sum(float(m.log_gamma()) for m in model.modules() if isinstance(m, LipschitzBatchNorm))
+    assert model.curvature_penalty().item() == pytest.approx(0.05 * betas + 0.02 * log_gammas, rel=1e-5)
+
+
+def test_finetune_a_trained_checkpoint_into_an_lcnn(capsys, tmp_path):
+    std = tmp_path / "std.pt"
+    assert run(capsys, "train", "--dataset", "digits", "--method", "standard", "--quick", "--no-progress",
+               "--out", std)[0] == 0
+    ft = tmp_path / "ft.pt"
+    code, out, err = run(capsys, "train", "--dataset", "digits", "--recipe", "finetune", "--init", std, "--quick",
+                         "--out", ft)
+    assert code == 0, err
+    assert "recipe 'finetune'" in out and "lr 0.01" in out
+    assert "fit[lcnn] epoch 1/1: loss" in err and "\r" not in err  # one plain line per epoch in a log
+    saved = torch.load(ft, weights_only=True)
+    assert saved["method"] == "lcnn" and saved["config"]["recipe"] == "finetune"
+    assert saved["history"][0]["lr"] == 0.01
+    code, out, err = run(capsys, "evaluate", ft, "--quick", "--no-progress")
+    assert code == 0, err
+
+
+def test_default_outputs_go_under_runs_not_the_working_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--dataset", "digits", "--quick", "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert (tmp_path / "runs" / "digits-lcnn.pt").is_file()
+    from lcnnify.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).out == "runs/demo"
+    assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_a_fit_checkpoint_with_metadata_is_a_cli_checkpoint(capsys, tmp_path):
+    # one format: what fit() writes after every epoch is what `lcnnify evaluate` reads
+    from lcnnify.data import digits
+    from lcnnify.models import create_model
+    from lcnnify.train import fit
+
+    train, test = digits()
+    base = create_model("small_cnn", 10, (1, 8, 8), width=4)
+    ckpt = tmp_path / "fit.pt"
+    meta = {"model": "small_cnn", "dataset": "digits", "num_classes": 10, "input_size": [1, 8, 8], "width": 4,
+            "lcnn_overrides": {}}
+    fit(base, (train.tensors[0][:128], train.tensors[1][:128]), method="lcnn", epochs=1, batch_size=64,
+        checkpoint=ckpt, checkpoint_meta=meta, progress=False)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["format"] == CHECKPOINT_FORMAT and "training" in saved
+    code, out, err = run(capsys, "evaluate", ckpt, "--quick", "--no-progress")
+    assert code == 0, err
+    assert "Table 1" in out
+
+
 def test_evaluate_a_converted_but_untrained_checkpoint(capsys, tmp_path):
     ckpt = tmp_path / "c.pt"
     assert run(capsys, "convert", "small_cnn", "--bound", "none", "--out", ckpt)[0] == 0
@@ -155,6 +229,15 @@ BAD = {
     "evaluate: unwritable json": (["evaluate", "{tmp}/missing.pt", "--json", "/proc/lcnnify/r.json"],
                                   "cannot write"),
     "demo: zero seeds": (["demo", "--quick", "--seeds", "0"], "positive integer"),
+    "finetune without --init": (["train", "--dataset", "digits", "--recipe", "finetune", "--quick"],
+                                "pass --init"),
+    "init: missing file": (["train", "--dataset", "digits", "--init", "{tmp}/nothing.pt", "--quick"],
+                           "no checkpoint file"),
+    "init: weights of another model": (["train", "--dataset", "digits", "--init", "{tmp}/mlp_weights.pt",
+                                        "--quick"], "do not fit small_cnn"),
+    "lambda for a baseline method": (["train", "--dataset", "digits", "--method", "standard", "--lambda-beta",
+                                      "0.1", "--quick"], "only apply to the 'lcnn' methods"),
+    "negative lambda": (["train", "--dataset", "digits", "--lambda-beta", "-1"], "a number >= 0"),
     "no command": ([], "required"),
 }
 
@@ -164,6 +247,7 @@ def test_bad_input_gives_a_clear_message_and_nonzero_exit(case, capsys, tmp_path
     argv, expected = BAD[case]
     textfile = tmp_path / "notes.txt"
     textfile.write_text("this is not a checkpoint")
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "mlp_weights.pt")
     subs = {"{tmp}": str(tmp_path), "{file}": str(_file_under_file(tmp_path)), "{textfile}": str(textfile)}
     args = []
     for a in argv:

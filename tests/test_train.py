@@ -3,7 +3,9 @@ adversarial training, and the documented user loop."""
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm
 from lcnnify.penalty import curvature_parameters
 from lcnnify.train import (
     METHODS,
+    evaluate,
     fit,
     method_loss,
     prepare_model,
@@ -263,3 +266,187 @@ def test_cure_mode_reaches_the_penalty(small_digits, mode):
     assert out.terms["cure"] == pytest.approx(expected, rel=1e-4)
     other = cure_penalty(model, x[:16], y[:16], mode="current" if mode == "eval" else "eval").item()
     assert out.terms["cure"] != pytest.approx(other, rel=1e-3)  # the two modes really differ here
+
+
+# ------------------------------------------------------------------------------------- the method table
+def test_a_new_method_is_one_row_of_the_table():
+    # an LCNN trained with CURE (not one of the paper's seven): a MethodSpec, no code changes
+    from lcnnify.regularizers import cure_penalty
+    from lcnnify.train import MethodSpec, get_method
+
+    spec = MethodSpec("lcnn+cure", "LCNN + CURE", lcnn=True, softplus_beta=None, curvature_penalty=True,
+                      cure=True)
+    assert get_method(spec) is spec and spec.terms() == ("curvature_penalty", "cure")
+    x, y = separable_images(16)
+    model = prepare_model(tiny_cnn(classes=2), spec, example_inputs=x[:2])
+    assert hasattr(model, "lcnn_report")
+    out = method_loss(model, x, y, spec, cure_weight=0.5, cure_mode="current")
+    t = out.terms
+    expected_cure = cure_penalty(model, x, y, mode="current").item()
+    assert t["cure"] == pytest.approx(expected_cure, rel=1e-4)
+    assert t["curvature_penalty"] == pytest.approx(model.curvature_penalty().item(), rel=1e-6)
+    assert t["total_loss"] == pytest.approx(t["loss"] + t["curvature_penalty"] + 0.5 * t["cure"], rel=1e-5)
+
+
+def test_recipe_rejects_unknown_fields_and_bad_values():
+    from lcnnify.train import RECIPES, Recipe
+
+    with pytest.raises(TypeError, match="valid fields"):
+        RECIPES["paper"].replace(learning_rate=0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        Recipe(schedule="linear")
+    with pytest.raises(ValueError, match="penalty_ramp"):
+        Recipe(penalty_ramp=2.0)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        fit(tiny_cnn(), separable_images(), recipe="fast", epochs=1, progress=False)
+
+
+def test_finetune_recipe_follows_its_cosine_schedule_and_penalty_ramp(small_digits):
+    train, test = small_digits  # 256 samples, batch 64: 4 steps per epoch; ramp over half of 4 epochs: 8 steps
+    result = fit(tiny_cnn(), train, test, method="lcnn", recipe="finetune", epochs=4, batch_size=64,
+                 progress=False)
+    assert result.config["recipe"] == "finetune" and result.config["schedule"] == "cosine"
+    lrs = [r["lr"] for r in result.history]
+    assert lrs == pytest.approx([0.005 * (1 + math.cos(math.pi * e / 4)) for e in range(4)], rel=1e-9)
+    # the penalty weight at each epoch's last step: min(1, (step + 1) / 8)
+    assert [r["penalty_scale"] for r in result.history] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_history_logs_min_median_max_of_beta_and_gamma(small_digits):
+    train, test = small_digits
+    result = fit(tiny_cnn(), train, test, method="lcnn", epochs=2, batch_size=64, progress=False)
+    model = result.model
+    betas = [float(b) for m in model.modules() if isinstance(m, CenteredSoftplus) for b in m.beta.detach().flatten()]
+    gammas = [float(m.gamma) for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
+    last = result.history[-1]
+    for key, values in (("beta", betas), ("gamma", gammas)):
+        assert len(values) == 2
+        expected = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+        assert last[key] == pytest.approx(expected, rel=1e-6), key
+    assert result.history[0]["beta"] != last["beta"]  # logged per epoch, not once
+    std = fit(tiny_cnn(), train, test, method="standard", epochs=1, batch_size=64, progress=False)
+    assert "beta" not in std.history[0] and "gamma" not in std.history[0]
+
+
+def test_finetuning_a_trained_model_keeps_its_accuracy_and_anneals_beta():
+    # a ReLU CNN trained on digits -> fine-tuned into an LCNN in 4 epochs. It must end within 3 points of the
+    # trained model (measured: 89.6% -> 90.7%), far above an LCNN trained from scratch for the same 4 epochs
+    # with the paper's recipe (73.6%), and the penalty must have pulled beta down.
+    train, test = digits()
+    torch.manual_seed(0)
+    trained = fit(TinyCNN(classes=10, c=8), train, test, method="standard", prepare=False, epochs=6, batch_size=64, progress=False).model
+    acc_trained = evaluate(trained, test)["acc"]
+    ft = fit(trained, train, test, method="lcnn", recipe="finetune", epochs=4, batch_size=64, progress=False)
+    torch.manual_seed(0)
+    scratch = fit(TinyCNN(classes=10, c=8), train, test, method="lcnn", epochs=4, batch_size=64, progress=False)
+    acc_ft, acc_scratch = ft.history[-1]["test_acc"], scratch.history[-1]["test_acc"]
+    assert acc_ft >= acc_trained - 0.03, (acc_trained, acc_ft)
+    assert acc_ft >= acc_scratch + 0.05, (acc_ft, acc_scratch)
+    assert hasattr(ft.model, "lcnn_report")
+    assert ft.history[-1]["beta"]["median"] < ft.history[0]["beta"]["median"]
+
+
+# ------------------------------------------------------------------------------------------- logging
+def test_progress_on_a_non_terminal_is_one_plain_line_per_epoch(small_digits, capsys):
+    train, test = small_digits
+    fit(tiny_cnn(), train, test, method="lcnn", epochs=2, batch_size=64, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["fit[lcnn] epoch 1/2", "fit[lcnn] epoch 2/2"], err
+    assert all("test acc" in ln and "beta" in ln and "gamma" in ln for ln in lines)
+
+
+def test_progress_on_a_terminal_keeps_the_epoch_lines_above_the_bar(small_digits, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    train, test = small_digits
+    fit(tiny_cnn(), train, test, method="standard", epochs=2, batch_size=64, progress=True)
+    out = term.getvalue()
+    assert "fit[standard] epoch 1/2: loss" in out and "fit[standard] epoch 2/2: loss" in out
+    assert "\r" in out  # the live bar
+
+
+# ----------------------------------------------------------------------------------------- checkpoint
+def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    from lcnnify.train import checkpoint as ck
+
+    path = tmp_path / "c.pt"
+    ck.save_checkpoint(path, {"w": torch.ones(2)}, method="lcnn")
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(path, {"w": torch.zeros(2)}, method="lcnn")
+    monkeypatch.undo()
+    saved = ck.read_checkpoint(path)
+    assert torch.equal(saved["state_dict"]["w"], torch.ones(2)) and saved["format"] == ck.FORMAT
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_read_checkpoint_names_the_file_and_the_problem(tmp_path):
+    from lcnnify.train import CheckpointError, read_checkpoint
+
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        read_checkpoint(tmp_path / "missing.pt")
+    torch.save({"format": "something/1"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a lcnnify checkpoint"):
+        read_checkpoint(tmp_path / "other.pt")
+
+
+# ------------------------------------------------------------------------------ the paper's architectures
+def _dense_operator_norm(module: nn.Module, shape) -> float:
+    n = math.prod(shape)
+    basis = torch.eye(n).reshape(n, *shape)
+    with torch.no_grad():
+        mat = module(basis).reshape(n, -1)
+    return float(torch.linalg.matrix_norm(mat, ord=2))
+
+
+@pytest.mark.parametrize("name, blocks", [("cifar_resnet18", (2, 2, 2, 2)), ("cifar_resnet34", (3, 4, 6, 3)),
+                                          ("cifar_vgg11", None)])
+def test_cifar_architectures_have_a_3x3_stem_no_max_pool_and_convert_fully(name, blocks):
+    from lcnnify import lcnnify
+    from lcnnify.models import create_model
+
+    model = create_model(name, num_classes=10, input_shape=(3, 32, 32), width=4)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) for m in model.modules())
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.kernel_size == (3, 3) and first.stride == (1, 1) and first.in_channels == 3
+    if blocks is not None:
+        assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == list(blocks)
+        assert [getattr(model, f"layer{i}")[0].conv1.out_channels for i in range(1, 5)] == [4, 8, 16, 32]
+    else:  # VGG-11: 8 convs, 5 down-samplings by 2x2 average pooling
+        assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 8
+        pools = [m for m in model.modules() if isinstance(m, nn.AvgPool2d)]
+        assert len(pools) == 5
+        # an average pool is linear with l2 operator norm 1/2: it keeps the Lipschitz and curvature bounds
+        assert _dense_operator_norm(pools[0], (1, 4, 4)) == pytest.approx(0.5, rel=1e-6)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    assert model(x).shape == (2, 10)
+    lcnn = lcnnify(model, example_inputs=x[:1])
+    report = lcnn.lcnn_report
+    assert report.certified and not report.voiding, str(report)
+    opt = recipe_optimizer(lcnn)
+    out = method_loss(lcnn.train(), x, y, "lcnn")  # one training step
+    out.total.backward()
+    opt.step()
+    assert math.isfinite(out.terms["total_loss"])
+
+
+def test_cifar_resnet18_at_full_width_has_the_standard_parameter_count():
+    from lcnnify.models import create_model
+
+    # 11,173,962: the CIFAR ResNet-18 with 10 classes (3x3 stem, no max-pool) of the common reference code
+    model = create_model("cifar_resnet18", num_classes=10, input_shape=(3, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962

@@ -106,8 +106,7 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: Any 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
     t = torch.tensor(values, dtype=torch.float64)
-    # the lower median for an even count (a value that occurs), as torch.median
-    return {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
+    return {"min": float(t.min()), "median": float(t.quantile(0.5)), "max": float(t.max())}
 
 
 @torch.no_grad()
