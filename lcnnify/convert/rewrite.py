@@ -31,6 +31,7 @@ from ..errors import ConversionError
 from ..nn import (CenteredSoftplus, LipschitzBatchNorm, conv_spectral_norm, is_lcnn_layer,
                   linear_spectral_norm)
 from ..nn.batchnorm_act import LipschitzBatchNormAct
+from .. import ops
 from . import rules as R
 from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
@@ -168,7 +169,7 @@ class Converter:
             if self._skipped(_join(prefix, site_path), modules.get(node.target) if node.op == "call_module"
                              else None):
                 self._left(_join(prefix, site_path), rule.name, "skipped by config (skip / convert_types)",
-                           voids=rule.family in ("relu", "smooth", "batchnorm", "batchnorm_act"))
+                           voids=R.kept_voids(node, modules))
                 continue
             inplace = R.is_inplace_call(node, rule, modules)
             if node.op == "call_module":
@@ -252,7 +253,7 @@ class Converter:
         for name, child in list(module.named_children()):
             path = _join(prefix, name)
             if self._skipped(path, child):
-                self._left(path, type(child).__name__, "skipped by config", voids=True)
+                self._left(path, type(child).__name__, "skipped by config", voids=R.kept_voids(child))
                 continue
             new = self.convert(child, path)
             if new is not child:
@@ -261,7 +262,7 @@ class Converter:
 
     def _convert_leaf_module(self, module: nn.Module, rule: R.Rule, path: str) -> nn.Module:
         if self._skipped(path, module):
-            self._left(path, rule.name, "skipped by config", voids=True)
+            self._left(path, rule.name, "skipped by config", voids=R.kept_voids(module))
             return module
         new = self._factories[rule.family](module, path, None)
         return module if new is None else new
@@ -272,7 +273,8 @@ class Converter:
         family = R.rule_for_module(module).family if module is not None else R.match(node, {}).family  # type: ignore[union-attr,arg-type]
         if not self._wants_conversion(module, original, family):
             self._left(path, original, "smooth activation kept (smooth_activations='keep' or a per-type override); "
-                       "its slope can exceed 1 and its curvature is not penalized", voids=True)
+                       "its slope can exceed 1 and its curvature is not penalized",
+                       voids=R.kept_voids(module if module is not None else node))
             return None
         channels = None
         if self.config.per_channel_beta:
@@ -317,7 +319,7 @@ class Converter:
 
     def _batchnorm(self, module: nn.Module, path: str, node: fx.Node | None) -> nn.Module | None:
         if not self.config.lipschitz_batchnorm:
-            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=True)
+            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=R.kept_voids(module))
             return None
         new = LipschitzBatchNorm.from_batchnorm(module, gamma=self.config.gamma0)
         self.report.converted.append(Converted(path, "batchnorm", type(module).__name__, "LipschitzBatchNorm",
@@ -332,9 +334,9 @@ class Converter:
             act = self._activation(act, _join(path, "act"), None) or act
         elif not isinstance(act, nn.Identity):
             self._left(_join(path, "act"), type(act).__name__, "activation of a fused BN+act kept (no rule)",
-                       voids=True)
+                       voids=R.kept_voids(act))
         if not self.config.lipschitz_batchnorm:
-            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=True)
+            self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=R.kept_voids(module))
             return None
         new = LipschitzBatchNormAct.from_batchnorm_act(module, act=act, drop=drop, gamma=self.config.gamma0)
         self.report.converted.append(Converted(path, "batchnorm", type(module).__name__,
@@ -364,35 +366,39 @@ class Converter:
         self.report.left.append(Left(path, op, reason, voids))
 
     def _report_leaf_module(self, m: nn.Module, path: str) -> None:
-        """Report a module that stays as it is (not traced into, no rule), if it voids the guarantee."""
-        for t, why in R.VOIDING_MODULES():
-            if isinstance(m, t):
-                return self._left(path, type(m).__name__, why, voids=True)
-        if type(m).__name__ in R.GATE_MODULE_NAMES:
-            return self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)",
-                              voids=False)
-        if isinstance(m, _HARMLESS_LEAVES) or is_lcnn_layer(m) or id(m) in self._opaque_ids:
+        """Report a module that stays as it is (not traced into, not converted) as the op registry sees it (the
+        verdict the bound uses): what voids the guarantee -- also inside an unregistered module, which is
+        traced and walked, or is opaque -- and kept bounded activations (gates)."""
+        if is_lcnn_layer(m) or id(m) in self._opaque_ids:
             return None
-        return self._left(path, type(m).__name__, "opaque module (torch.fx does not trace into it): "
-                          "its curvature is not analysed", voids=True)
+        voids = ops.module_voids(m, path)
+        for p, op, why in voids:
+            self._left(p, op, why, voids=True)
+        spec = ops.spec_for_module(m)
+        if not voids and spec is not None and spec.family is ops.Family.GATE:
+            self._left(path, type(m).__name__, "gating/bounded activation kept (smooth, slope <= 1)", voids=False)
+        return None
 
     def _report_voiding(self, node: fx.Node, modules: dict[str, nn.Module], prefix: str,
                         tensorish: set[fx.Node]) -> None:
+        """Report a node left as it is, as the op registry sees it (the verdict the bound uses): voiding ops,
+        unknown ops ("unknown op: not analysed"), kept gates."""
+        if node not in tensorish or node.op not in ("call_module", "call_function", "call_method"):
+            return None   # an input, or a value that does not depend on the input (sizes, parameters)
         path = _join(prefix, self._site_path(node))
         if node.op == "call_module":
             return self._report_leaf_module(modules[node.target], path)
-        if node.op == "call_function":
-            if node.target in R.VOIDING_FUNCTIONS:
-                return self._left(path, _site_name(node), R.VOIDING_FUNCTIONS[node.target], voids=True)
-            if node.target in R.PRODUCT_FUNCTIONS and _is_product(node, tensorish):
-                return self._left(path, _site_name(node), "product of two input-dependent tensors (gating / "
-                                  "attention): curvature grows with the product of the slopes", voids=True)
-        if node.op == "call_method":
-            if node.target in R.VOIDING_METHODS:
-                return self._left(path, f"Tensor.{node.target}", R.VOIDING_METHODS[node.target], voids=True)
-            if node.target in R.PRODUCT_METHODS and _is_product(node, tensorish):
-                return self._left(path, f"Tensor.{node.target}", "product of two input-dependent tensors "
-                                  "(gating / attention)", voids=True)
+
+        def dependent(a: Any) -> bool:   # nodes inserted by this rewrite (converted call sites) are not in tensorish
+            return isinstance(a, fx.Node) and (a in tensorish or (a.op == "call_module" and any(
+                dependent(b) for b in a.all_input_nodes)))
+
+        v = ops.verdict(node, modules, dependent=dependent)
+        if v.reason is not None:
+            return self._left(path, _site_name(node), v.reason, voids=True)
+        if v.spec is not None and v.spec.family is ops.Family.GATE:
+            return self._left(path, _site_name(node), "gating/bounded activation kept (smooth, slope <= 1)",
+                              voids=False)
         return None
 
     # ================================================================== naming helpers
