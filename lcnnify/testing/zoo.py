@@ -1,26 +1,32 @@
-"""The model zoo: the curated list of timm / torchvision CNNs lcnnify is checked on, and the per-model check.
+"""The model zoo: which timm / torchvision CNNs lcnnify is checked on, and the per-model check.
 
-:func:`check_model` converts a model with ``example_inputs``, runs one training step (forward, backward with the
-curvature penalty, SGD step) and inspects what actually EXECUTED during a forward pass:
+Two lists:
 
-* no ReLU-family activation (module or functional call) and no plain BatchNorm runs any more;
-* every executed conv / linear is spectrally normalized, convs at the input shape they see;
-* the original model is untouched (state dict and module types).
+* the **family sweep** — one representative, the smallest by parameter count, of every timm model family that
+  is a CNN (a family is a timm model module: ``timm.list_modules()``; families whose blocks mix tokens by
+  self-attention, recurrence or token MLPs are excluded in :data:`TIMM_NOT_CNN`, each with its reason), and
+  every torchvision classification model that is a CNN (:data:`TORCHVISION_NOT_CNN` likewise). The choice is
+  computed by :func:`select_representatives` and cached in :data:`FAMILY_REPRESENTATIVES`;
+* the **curated list** (:data:`TIMM_MODELS`, :data:`TORCHVISION_MODELS`): hand-picked variants that exercise
+  layers a family's smallest member may not have (TF "SAME" padding, CondConv, MixedConv, NF weight
+  standardization, ...).
 
-Anything the conversion reported as left (with its reason) is allowed to still run; the check fails on what
-ran but was neither converted nor reported.
+:func:`check_model` converts one model, trains it a few SGD steps with the curvature penalty and checks the LCNN
+contract on what actually EXECUTES (see its docstring).
 """
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+# ====================================================================================== the curated list
 TIMM_MODELS: list[str] = [
     # ResNet family and friends
     "resnet18", "resnet26d", "resnext26ts", "legacy_seresnet18", "seresnext26d_32x4d", "ecaresnet26t",
@@ -39,18 +45,164 @@ TORCHVISION_MODELS: list[str] = [
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5",
     "squeezenet1_0", "alexnet", "vgg11_bn", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
 ]
-#: the fast representative slice that runs in the default test suite
-FAST_SLICE: list[str] = ["timm:tf_efficientnet_b0", "timm:resnetv2_50x1_bit", "torchvision:googlenet",
-                         "torchvision:mobilenet_v3_small"]
-#: minimum input sizes (the architecture needs more than 32x32; torchvision's inception_v3 aux head in train
-#: mode needs >= ~140)
-MIN_SIZE: dict[str, int] = {"torchvision:inception_v3": 299, "inception_v3": 75, "alexnet": 63, "googlenet": 32, "dm_nfnet_f0": 64}
 
-_RELU_FUNCS = {"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "hardtanh"}
+#: the fast representative slice of the family sweep that runs in the default test suite: BatchNormAct + ReLU6
+#: (timm efficientnet family), element-wise products (starnet), channel shuffle (shufflenet), no norm + dropout
+#: + max-pool + concatenation (squeezenet)
+FAST_SLICE: list[str] = ["timm:mobilenetv2_035", "timm:starnet_s050", "torchvision:shufflenet_v2_x0_5",
+                         "torchvision:squeezenet1_1"]
+
+# ====================================================================================== the families
+_ATTN = "self-attention blocks ({}): a transformer / hybrid, not a CNN"
+#: timm model modules that are not CNN families, and why. Every other module of ``timm.list_modules()`` is a CNN
+#: family and gets a representative; a family that fails the check stays in the sweep as a failure.
+TIMM_NOT_CNN: dict[str, str] = {
+    # plain / distilled / multimodal vision transformers
+    **{m: _ATTN.format("ViT") for m in (
+        "beit", "cait", "convit", "crossvit", "deepseek_vit", "deit", "eva", "gemma4_vit", "naflexvit", "pit",
+        "qwen3_vit", "tnt", "vision_transformer", "vision_transformer_relpos", "vision_transformer_sam", "xcit",
+        "volo")},
+    # hierarchical / windowed transformers
+    **{m: _ATTN.format("hierarchical transformer") for m in (
+        "coat", "davit", "gcvit", "hiera", "hieradet_sam2", "mvitv2", "nest", "pvt_v2", "swin_transformer",
+        "swin_transformer_v2", "swin_transformer_v2_cr", "twins", "tiny_vit")},
+    # conv + attention hybrids (every member runs attention)
+    "vision_transformer_hybrid": _ATTN.format("ResNet stem + ViT"),
+    "byoanet": _ATTN.format("bottleneck / halo / lambda attention in every ResNet stage"),
+    "maxxvit": _ATTN.format("CoAtNet / MaxViT: window and grid attention"),
+    "mobilevit": _ATTN.format("MobileViT transformer blocks"),
+    "efficientformer": _ATTN.format("attention in the last stage"),
+    "efficientformer_v2": _ATTN.format("attention in the last stages"),
+    "efficientvit_mit": _ATTN.format("multi-scale ReLU linear attention"),
+    "efficientvit_msra": _ATTN.format("cascaded group attention"),
+    "levit": _ATTN.format("LeViT attention"),
+    "edgenext": _ATTN.format("split depth-wise transposed (cross-covariance) attention"),
+    "visformer": _ATTN.format("attention in stages 2-3"),
+    "nextvit": _ATTN.format("E-MHSA in every stage"),
+    "swiftformer": _ATTN.format("efficient additive attention"),
+    "shvit": _ATTN.format("single-head attention"),
+    "lowformer": _ATTN.format("lowtention (scaled dot-product attention)"),
+    "iformer": _ATTN.format("single-head modulation attention"),
+    "vitamin": _ATTN.format("ViTamin transformer stages"),
+    "csatv2": _ATTN.format("transformer blocks after a DCT stem"),
+    "cpubone": _ATTN.format("ConvAttention (scaled dot-product attention) in every variant"),
+    "mobilenetv5": _ATTN.format("Mobile MQA blocks in every variant"),
+    # token mixing that is neither convolution nor attention
+    "mlp_mixer": "token-mixing MLPs (MLP-Mixer / ResMLP / gMLP): not a CNN",
+    "sequencer": "bidirectional LSTM token mixing: not a CNN",
+    "efficientvim": "state-space (Mamba-style hidden state mixer) token mixing: not a CNN",
+}
+#: torchvision model modules (``get_model_builder(name).__module__``) that are not CNNs, and why.
+TORCHVISION_NOT_CNN: dict[str, str] = {
+    "vision_transformer": _ATTN.format("ViT"),
+    "swin_transformer": _ATTN.format("Swin"),
+    "maxvit": _ATTN.format("MaxViT: window and grid attention"),
+}
+#: candidate input sizes, smallest first (the check uses the smallest one the model accepts in train and eval)
+INPUT_SIZES: tuple[int, ...] = (64, 96, 128, 160, 192, 224, 256, 299, 320, 331)
+
+
+@dataclass(frozen=True)
+class Representative:
+    """One entry of the family sweep: ``spec`` (``timm:NAME`` / ``torchvision:NAME``) of ``family``, with its
+    parameter count (``num_classes=10``) and the smallest input size in :data:`INPUT_SIZES` it accepts."""
+
+    family: str
+    spec: str
+    parameters: int
+    size: int
+
+
+#: The family sweep, as computed by :func:`select_representatives` (timm 1.0.31, torchvision 0.29.1);
+#: regenerate with ``python benchmarks/zoo.py --select``. A test checks it against the installed libraries.
+FAMILY_REPRESENTATIVES: list[Representative] = [
+    Representative("timm:byobnet", "timm:mobileone_s1", 3557002, 64),
+    Representative("timm:convmixer", "timm:convmixer_768_32", 20348938, 64),
+    Representative("timm:convnext", "timm:convnext_zepto_rms", 1901226, 64),
+    Representative("timm:cspnet", "timm:cs3darknet_focus_s", 2766858, 64),
+    Representative("timm:cspnext", "timm:cspnext_tiny", 2352550, 64),
+    Representative("timm:densenet", "timm:densenet121", 6964106, 64),
+    Representative("timm:dla", "timm:dla46x_c", 814010, 64),
+    Representative("timm:dpn", "timm:dpn48b", 8301556, 64),
+    Representative("timm:efficientnet", "timm:mobilenetv2_035", 408938, 64),
+    Representative("timm:fasternet", "timm:fasternet_t0", 2637310, 64),
+    Representative("timm:fastvit", "timm:fastvit_t8", 3264922, 64),
+    Representative("timm:focalnet", "timm:focalnet_tiny_srf", 27665806, 64),
+    Representative("timm:ghostnet", "timm:ghostnet_050", 1319102, 64),
+    Representative("timm:hardcorenas", "timm:hardcorenas_b", 3908354, 64),
+    Representative("timm:hgnet", "timm:hgnetv2_b0", 3968040, 64),
+    Representative("timm:hrnet", "timm:hrnet_w18_small", 11158954, 64),
+    Representative("timm:inception_next", "timm:inception_next_atto", 3205130, 64),
+    Representative("timm:inception_resnet_v2", "timm:inception_resnet_v2", 54321834, 96),
+    Representative("timm:inception_v3", "timm:inception_v3", 21806058, 96),
+    Representative("timm:inception_v4", "timm:inception_v4", 41158186, 96),
+    Representative("timm:lcnetv2", "timm:lcnetv2_small", 2860362, 64),
+    Representative("timm:mambaout", "timm:mambaout_femto", 6163066, 64),
+    Representative("timm:metaformer", "timm:poolformerv2_s12", 11383842, 64),
+    Representative("timm:mobilenetv3", "timm:lcnet_035", 376180, 64),
+    Representative("timm:nasnet", "timm:nasnetalarge", 84760480, 64),
+    Representative("timm:nfnet", "timm:nf_regnet_b0", 7812898, 64),
+    Representative("timm:pnasnet", "timm:pnasnet5large", 81779878, 64),
+    Representative("timm:rdnet", "timm:rdnet_tiny", 22832418, 64),
+    Representative("timm:regnet", "timm:regnetx_002", 2319482, 64),
+    Representative("timm:repghost", "timm:repghostnet_050", 1045778, 64),
+    Representative("timm:repvit", "timm:repvit_m1", 4722948, 64),
+    Representative("timm:res2net", "timm:res2next50", 22642954, 64),
+    Representative("timm:resnest", "timm:resnest14d", 8583178, 64),
+    Representative("timm:resnet", "timm:resnet10t", 4927618, 64),
+    Representative("timm:resnetv2", "timm:resnetv2_18", 11179850, 64),
+    Representative("timm:rexnet", "timm:rexnet_100", 3528683, 64),
+    Representative("timm:selecsls", "timm:selecsls42", 29086762, 64),
+    Representative("timm:senet", "timm:legacy_seresnet18", 11270722, 64),
+    Representative("timm:sknet", "timm:skresnet18", 11450186, 64),
+    Representative("timm:starnet", "timm:starnet_s050", 415018, 64),
+    Representative("timm:tresnet", "timm:tresnet_m", 29360522, 64),
+    Representative("timm:vgg", "timm:vgg11", 128807306, 64),
+    Representative("timm:vovnet", "timm:ese_vovnet19b_slim_dw", 1389882, 64),
+    Representative("timm:xception", "timm:legacy_xception", 20827442, 64),
+    Representative("timm:xception_aligned", "timm:xception41p", 24879242, 64),
+    Representative("torchvision:alexnet", "torchvision:alexnet", 57044810, 64),
+    Representative("torchvision:convnext", "torchvision:convnext_tiny", 27827818, 64),
+    Representative("torchvision:densenet", "torchvision:densenet121", 6964106, 64),
+    Representative("torchvision:efficientnet", "torchvision:efficientnet_b0", 4020358, 64),
+    Representative("torchvision:googlenet", "torchvision:googlenet", 9960638, 64),
+    Representative("torchvision:inception", "torchvision:inception_v3", 24371444, 299),
+    Representative("torchvision:mnasnet", "torchvision:mnasnet0_5", 950322, 64),
+    Representative("torchvision:mobilenetv2", "torchvision:mobilenet_v2", 2236682, 64),
+    Representative("torchvision:mobilenetv3", "torchvision:mobilenet_v3_small", 1528106, 64),
+    Representative("torchvision:regnet", "torchvision:regnet_y_400mf", 3907554, 64),
+    Representative("torchvision:resnet", "torchvision:resnet18", 11181642, 64),
+    Representative("torchvision:shufflenetv2", "torchvision:shufflenet_v2_x0_5", 352042, 64),
+    Representative("torchvision:squeezenet", "torchvision:squeezenet1_1", 727626, 64),
+    Representative("torchvision:vgg", "torchvision:vgg11", 128807306, 64),
+]
+
+
+def timm_families() -> dict[str, list[str]]:
+    """timm's CNN families: model module -> model names (``timm.list_models(module=...)``), minus
+    :data:`TIMM_NOT_CNN` and timm's own unit-test configurations (``test_*``, not published architectures)."""
+    import timm
+
+    return {m: [n for n in timm.list_models(module=m) if not n.startswith("test_")]
+            for m in sorted(timm.list_modules()) if m not in TIMM_NOT_CNN}
+
+
+def torchvision_families() -> dict[str, list[str]]:
+    """torchvision's CNN classification models: builder module -> model names, minus :data:`TORCHVISION_NOT_CNN`."""
+    import torchvision
+    from torchvision.models import get_model_builder, list_models
+
+    out: dict[str, list[str]] = {}
+    for name in list_models(module=torchvision.models):
+        module = get_model_builder(name).__module__.rsplit(".", 1)[-1]
+        if module not in TORCHVISION_NOT_CNN:
+            out.setdefault(module, []).append(name)
+    return out
 
 
 def create(spec: str, num_classes: int = 10) -> nn.Module:
-    """``timm:NAME`` or ``torchvision:NAME`` -> an untrained model (no weights are downloaded)."""
+    """``timm:NAME`` or ``torchvision:NAME`` -> an untrained model (no weights are downloaded). Created on the
+    current default device (``with torch.device("meta"):`` gives a model without memory)."""
     lib, _, name = spec.partition(":")
     if lib == "timm":
         import timm
@@ -66,121 +218,451 @@ def create(spec: str, num_classes: int = 10) -> nn.Module:
     raise ValueError(f"unknown model spec {spec!r}: use timm:NAME or torchvision:NAME")
 
 
-class _FunctionRecorder(TorchFunctionMode):
-    """Records the torch functions called outside LCNN layers (``depth`` > 0 inside one)."""
+def _create_meta(spec: str) -> nn.Module:
+    """The model with its parameters on the meta device (no memory, no initialisation cost); builders that
+    compute with tensors while building (torchvision RegNet) are built on the CPU with parameters moved to meta."""
+    try:
+        with torch.device("meta"):
+            return create(spec)
+    except NotImplementedError:
+        return create(spec).to("meta")
+
+
+_MATMULS = {torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.Tensor.__matmul__, torch.Tensor.matmul,
+            torch.Tensor.bmm, F.scaled_dot_product_attention, F.multi_head_attention_forward}
+
+
+class _TokenMixingRecorder(TorchFunctionMode):
+    """Records products of two activations by matrix multiplication (attention's q k^T and attn v)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.names: list[str] = []
-        self.depth = 0
+        self.found: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.depth == 0:
-            self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _MATMULS:
+            operands = [a for a in (*args, *kwargs.values())
+                        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)]
+            if len(operands) >= 2:
+                self.found.add(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def token_mixing_ops(model: nn.Module, size: int) -> list[str]:
+    """What in ``model`` mixes tokens other than by convolution: matrix products of two activations
+    (self-attention) and recurrent modules, found by one eval forward at ``size`` (on the model's device; a meta
+    model costs nothing)."""
+    found = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.MultiheadAttention))}
+    device = next(model.parameters()).device
+    rec = _TokenMixingRecorder()
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), rec:
+            model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+    return sorted(found | rec.found)
+
+
+def smallest_input_size(model: nn.Module, sizes: Iterable[int] = INPUT_SIZES) -> int | None:
+    """The smallest of ``sizes`` at which ``model`` runs forward in train mode (batch 2) and in eval mode
+    (shape checks only when ``model`` is on the meta device). None when none does."""
+    device = next(model.parameters()).device
+    was = {m: m.training for m in model.modules()}
+    try:
+        for s in sizes:
+            x = torch.zeros(2, 3, s, s, device=device)
+            try:
+                with torch.no_grad():
+                    model.train()
+                    model(x)
+                    model.eval()
+                    model(x)
+            except Exception:  # noqa: BLE001 - too small an input is reported by any exception type
+                continue
+            return s
+        return None
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+
+
+def select_representatives(progress: Callable[[str], None] | None = None) -> list[Representative]:
+    """Compute the family sweep: for each CNN family (:func:`timm_families`), its smallest member by parameter
+    count that runs no token mixing (:func:`token_mixing_ops`) and accepts one of :data:`INPUT_SIZES`; the
+    same for each torchvision CNN family (:func:`torchvision_families`). Builds every candidate on the meta device (about a minute)."""
+    out: list[Representative] = []
+    for family, names in timm_families().items():
+        sized = sorted((_count(f"timm:{n}"), n) for n in names)
+        for params, name in sized:
+            meta = _create_meta(f"timm:{name}")
+            size = smallest_input_size(meta)
+            if size is not None and not token_mixing_ops(meta, size):
+                out.append(Representative(f"timm:{family}", f"timm:{name}", params, size))
+                break
+            if progress:
+                progress(f"timm:{name} skipped: size {size}, token mixing {token_mixing_ops(meta, size or 224)}")
+        else:
+            raise RuntimeError(f"timm family {family!r} has no convolutional member: add it to TIMM_NOT_CNN")
+        if progress:
+            progress(f"{out[-1]}")
+    for family, names in torchvision_families().items():
+        sized = sorted((_count(f"torchvision:{n}"), n) for n in names)
+        for params, name in sized:
+            meta = _create_meta(f"torchvision:{name}")
+            size = smallest_input_size(meta)
+            if size is not None and not token_mixing_ops(meta, size):
+                out.append(Representative(f"torchvision:{family}", f"torchvision:{name}", params, size))
+                break
+        else:
+            raise RuntimeError(f"torchvision family {family!r} has no convolutional member: update "
+                               f"TORCHVISION_NOT_CNN")
+        if progress:
+            progress(f"{out[-1]}")
+    return out
+
+
+def _count(spec: str) -> int:
+    return sum(p.numel() for p in _create_meta(spec).parameters())
+
+
+# ====================================================================================== the check
+#: ReLU-family activations: every one must become a CenteredSoftplus
+_RELU_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.RReLU, nn.Threshold)
+#: functions that must not run outside an LCNN layer unless the conversion report names them
+_RELU_FUNCS = {"relu", "relu6", "leaky_relu", "hardtanh", "threshold", "prelu", "rrelu"}
+_LINEAR_FUNCS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                 "linear", "batch_norm"}
 
 
 @dataclass
 class ZooResult:
+    """The outcome of :func:`check_model` for one model.
+
+    ``status``: ``"converted"`` (traced, every check passed), ``"fallback"`` (every check passed, some module
+    converted module by module because it could not be traced) or ``"failed"`` (``error`` and/or ``problems``
+    say why; ``clear_error`` tells whether the conversion refused with an :class:`lcnnify.errors.LCNNError`)."""
+
     spec: str
+    family: str = ""
+    size: int = 0
+    status: str = "failed"
     ok: bool = False
     traced: bool = True
     converted: dict[str, int] = field(default_factory=dict)
     left: dict[str, int] = field(default_factory=dict)
     voiding: int = 0
+    fallbacks: list[str] = field(default_factory=list)
     train_step_ok: bool = False
+    max_norm_error: float = 0.0
     seconds_convert: float = 0.0
+    seconds_total: float = 0.0
     problems: list[str] = field(default_factory=list)
     error: str = ""
+    clear_error: bool = False
+
+    @property
+    def reason(self) -> str:
+        """One line: why the model failed ("" when it passed)."""
+        if self.ok:
+            return ""
+        return self.error or "; ".join(self.problems[:3]) + (" ..." if len(self.problems) > 3 else "")
 
 
-def _executed(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, nn.Module, tuple]], list[str]]:
-    names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[str, nn.Module, tuple]] = []
+class _ExecutionRecorder(TorchFunctionMode):
+    """Records, for every torch function called outside an LCNN layer, its name and the innermost module path."""
 
-    def hook(mod, args):
-        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
-        seen.append((names.get(mod, "?"), mod, shape))
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.stack: list[str] = [""]
+        self.depth = 0
 
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.depth == 0:
+            self.calls.append((getattr(func, "__name__", str(func)), self.stack[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _executed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, nn.Module, tuple]],
+                                                           list[tuple[str, str]]]:
+    """One no-grad forward of ``model``: (its output, the modules that ran with their input shape, the torch
+    functions called outside LCNN layers with the module they were called from)."""
     from lcnnify.nn import is_lcnn_layer
 
-    rec = _FunctionRecorder()
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
-    for m in model.modules():
-        if is_lcnn_layer(m):
-            handles.append(m.register_forward_pre_hook(lambda *_: setattr(rec, "depth", rec.depth + 1)))
-            handles.append(m.register_forward_hook(lambda *_: setattr(rec, "depth", rec.depth - 1)))
+    rec = _ExecutionRecorder()
+    seen: list[tuple[str, nn.Module, tuple]] = []
+
+    def enter(path: str, lcnn: bool):
+        def hook(mod, args):
+            shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+            seen.append((path, mod, shape))
+            rec.stack.append(path)
+            rec.depth += lcnn
+        return hook
+
+    def leave(lcnn: bool):
+        def hook(mod, args, out):
+            rec.stack.pop()
+            rec.depth -= lcnn
+        return hook
+
+    handles = []
+    for path, m in model.named_modules():
+        lcnn = is_lcnn_layer(m)
+        # prepend: count the depth before the layer's own pre-hooks (power-iteration warm-ups) run
+        handles.append(m.register_forward_pre_hook(enter(path, lcnn), prepend=True))
+        handles.append(m.register_forward_hook(leave(lcnn), always_call=True))
     try:
         with torch.no_grad(), rec:
-            model(x)
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
-    return seen, rec.names
+    return out, seen, rec.calls
 
 
-def check_model(spec: str, size: int = 32, batch: int = 2, num_classes: int = 10) -> ZooResult:
-    """Convert, train one step and inspect one model (see module docstring)."""
-    from lcnnify import lcnnify, param_groups
+def _logits(out: Any) -> torch.Tensor:
+    """The main output of a classifier (torchvision GoogLeNet / Inception return (logits, aux...) in train)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]
+
+
+def _modes(model: nn.Module) -> list[tuple[str, bool]]:
+    return [(n, m.training) for n, m in model.named_modules()]
+
+
+def _bare(op: str) -> str:
+    """``F.relu_`` / ``torch.relu`` / ``Tensor.relu`` -> ``relu``."""
+    return op.rsplit(".", 1)[-1].rstrip("_").lower()
+
+
+def _execution_problems(lc: nn.Module, report: Any, seen, calls) -> list[str]:
+    """What ran that is neither an LCNN layer nor named in the conversion report."""
     from lcnnify.nn import LipschitzBatchNorm, find_conv_spectral_norm, is_lcnn_layer
 
-    res = ZooResult(spec)
-    size = max(size, MIN_SIZE.get(spec, MIN_SIZE.get(spec.partition(":")[2], 0)))
+    left_paths = {item.path for item in report.left} | {f.path for f in report.fallbacks}
+
+    def reported(path: str) -> bool:
+        return "" in left_paths or any(path == p or path.startswith(p + ".") for p in left_paths)
+
+    problems: list[str] = []
+    for path, mod, shape in seen:
+        if reported(path) or is_lcnn_layer(mod):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not reported(path):
+                sn = find_conv_spectral_norm(mod)
+                if sn is not None and shape and sn.input_shape != shape[1:]:
+                    problems.append(f"{path}: spectral norm computed for input {sn.input_shape}, sees {shape[1:]}")
+            continue
+        kind = type(mod).__name__
+        if isinstance(mod, _RELU_MODULES):
+            problems.append(f"{path}: {kind} still executed")
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) or kind.startswith("FrozenBatchNorm"):
+            if not isinstance(mod, LipschitzBatchNorm):
+                problems.append(f"{path}: plain {kind} still executed")
+        elif isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            problems.append(f"{path}: {kind} executed without spectral normalization")
+        elif type(mod).__module__ in ("torch.nn.modules.activation", "torch.nn.modules.normalization"):
+            problems.append(f"{path}: {kind} executed but neither converted nor in the report")
+    # functional calls from outside any reported module: allowed as often as the report names them
+    allowed: dict[str, int] = {}
+    for item in report.left:
+        allowed[_bare(item.op)] = allowed.get(_bare(item.op), 0) + 1
+    counts: dict[str, int] = {}
+    for func, path in calls:
+        name = _bare(func)
+        if (name in _RELU_FUNCS or name in _LINEAR_FUNCS) and not reported(path):
+            counts[name] = counts.get(name, 0) + 1
+    for name, n in sorted(counts.items()):
+        if n > allowed.get(name, 0):
+            what = "ReLU-family activation" if name in _RELU_FUNCS else "un-normalized linear op"
+            problems.append(f"functional {name} ({what}) executed {n}x outside LCNN layers "
+                            f"(report names {allowed.get(name, 0)})")
+    return problems
+
+
+def execution_problems(lc: nn.Module, x: torch.Tensor) -> list[str]:
+    """Run ``lc`` (a converted model, in its current mode) on ``x`` and list what executed that is neither an
+    LCNN layer nor named in ``lc.lcnn_report``: ReLU-family activations (modules, or functions called more
+    often than the report names them), plain BatchNorm, convs / linears without spectral normalization (modules
+    or functional calls), convs normalized for another input shape, and any torch.nn activation or
+    normalization module the report does not name."""
+    _, seen, calls = _executed(lc, x)
+    return _execution_problems(lc, lc.lcnn_report, seen, calls)
+
+
+def operator_norms(lc: nn.Module) -> dict[str, float]:
+    """The operator norm of every spectrally normalized layer as it is now: convs by
+    :func:`lcnnify.nn.conv_operator_norm` at the input shape they see (a fresh float64 Lanczos run, independent of
+    the layer's power-iteration state), linears by ``torch.linalg.matrix_norm(W, 2)`` (an SVD)."""
+    from lcnnify.nn import conv_operator_norm, find_conv_spectral_norm, is_lcnn_layer
+
+    norms: dict[str, float] = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path, m in lc.named_modules():
+            sn = find_conv_spectral_norm(m)
+            if sn is not None:
+                if sn.input_shape is not None:
+                    norms[path] = float(conv_operator_norm(m, generator=g))
+            elif isinstance(m, nn.Linear) and is_lcnn_layer(m):
+                norms[path] = float(torch.linalg.matrix_norm(m.weight.detach().double(), 2))
+    return norms
+
+
+def _raw_weight_is_zero(lc: nn.Module, path: str) -> bool:
+    from torch.nn.utils import parametrize
+
+    m = lc.get_submodule(path)
+    w = m.parametrizations["weight"].original if parametrize.is_parametrized(m, "weight") else m.weight
+    return not bool(w.detach().any())
+
+
+def _freeze_first_norm(model: nn.Module) -> None:
+    """Put the first normalization layer in eval mode (a user freezing a BN): conversion must keep such flags."""
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            m.eval()
+            return
+
+
+def check_model(spec: str, size: int | None = None, batch: int = 8, steps: int = 3, num_classes: int = 10,
+                lr: float = 0.05, norm_tol: float = 1e-3, roundtrip: bool = True, family: str = "",
+                factory: Callable[[], nn.Module] | None = None) -> ZooResult:
+    """Convert ``spec`` (:func:`create`), train it and check the LCNN contract:
+
+    1. conversion with ``example_inputs`` of shape (2, 3, size, size) (``size``: the smallest of
+       :data:`INPUT_SIZES` the model accepts, when None);
+    2. ``steps`` SGD steps (momentum 0.9, :func:`lcnnify.param_groups`) on cross-entropy +
+       ``model.curvature_penalty()`` at batch ``batch``: loss, outputs, gradients and parameters finite;
+    3. in eval, what EXECUTES: no ReLU-family activation (module or function), no plain BatchNorm, no conv or
+       linear without spectral normalization (modules and functional calls), convs normalized for the input
+       shape they see; anything else the report does not name is a problem;
+    4. eval operator norms 1 +- ``norm_tol`` (:func:`operator_norms`; a layer whose raw weight is exactly zero may
+       have norm 0), two eval forwards identical (dropout off), outputs finite;
+    5. the state dict loads (strict) into a fresh conversion of the same architecture and gives the same eval
+       output;
+    6. the original model is not mutated: state dict, module types, and every module's train/eval flag (one
+       norm layer is frozen in eval mode before conversion, as a user fine-tuning with frozen BN does).
+
+    ``factory`` (optional) builds the model instead of :func:`create` (called twice, under seeds 0 and 1).
+    """
+    from lcnnify import lcnnify, param_groups
+    from lcnnify.errors import LCNNError
+
+    res = ZooResult(spec, family=family)
+    t_start = time.perf_counter()
+    stage = "create"
     try:
         torch.manual_seed(0)
-        model = create(spec, num_classes)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
+        make = factory or (lambda: create(spec, num_classes))
+        model = make()
+        if size is None:
+            size = smallest_input_size(model)
+            if size is None:
+                raise ValueError(f"accepts none of the input sizes {INPUT_SIZES}")
+        res.size = size
+        model.train()
+        _freeze_first_norm(model)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        modes_before = _modes(model)
         types_before = [type(m) for m in model.modules()]
-        x = torch.rand(batch, 3, size, size)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(batch, 3, size, size, generator=gen)
+        y = torch.randint(0, num_classes, (batch,), generator=gen)
+
+        stage = "convert"
         t0 = time.perf_counter()
-        lc = lcnnify(model, example_inputs=x[:1])
+        lc = lcnnify(model, example_inputs=x[:2])
         res.seconds_convert = time.perf_counter() - t0
         rep = lc.lcnn_report
         res.traced, res.converted, res.left = rep.traced, rep.converted_counts, rep.left_counts
         res.voiding = len(rep.voiding)
-        # one training step
+        res.fallbacks = [f"{f.path or '<root>'}: {f.reason}" for f in rep.fallbacks]
+
+        stage = "train"
         lc.train()
-        opt = torch.optim.SGD(param_groups(lc, 5e-4), lr=1e-3, momentum=0.9)
-        out = lc(x)
-        logits = out if isinstance(out, torch.Tensor) else out[0]
-        if tuple(logits.shape) != (batch, num_classes):
-            res.problems.append(f"output shape {tuple(logits.shape)} != {(batch, num_classes)}")
-        loss = F.cross_entropy(logits, torch.randint(0, num_classes, (batch,))) + lc.curvature_penalty()
-        loss.backward()
-        opt.step()
-        if not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in lc.parameters()):
-            res.problems.append("non-finite loss or parameters after one step")
+        opt = torch.optim.SGD(param_groups(lc, 5e-4), lr=lr, momentum=0.9)
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            logits = _logits(lc(x))
+            if tuple(logits.shape) != (batch, num_classes):
+                res.problems.append(f"output shape {tuple(logits.shape)} != {(batch, num_classes)}")
+                break
+            loss = F.cross_entropy(logits, y) + lc.curvature_penalty()
+            loss.backward()
+            bad = [n for n, p in lc.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if not torch.isfinite(logits).all() or not torch.isfinite(loss):
+                res.problems.append(f"step {step}: non-finite outputs or loss ({float(loss):.3g})")
+            if bad:
+                res.problems.append(f"step {step}: non-finite gradients in {bad[:3]}")
+            opt.step()
+            badp = [n for n, p in lc.named_parameters() if not torch.isfinite(p).all()]
+            if badp:
+                res.problems.append(f"step {step}: non-finite parameters after the step: {badp[:3]}")
+            if res.problems:
+                break
         res.train_step_ok = not res.problems
-        # what executes now
+
+        stage = "eval"
         lc.eval()
-        left_paths = {item.path for item in rep.left}
-        seen, fnames = _executed(lc, x)
-        for path, mod, shape in seen:
-            if path in left_paths or any(path.startswith(p + ".") for p in left_paths if p != "<root>"):
-                continue
-            if isinstance(mod, (nn.ReLU, nn.ReLU6, nn.LeakyReLU)):
-                res.problems.append(f"{path}: {type(mod).__name__} still executed")
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) or type(mod).__name__ == "FrozenBatchNorm2d":
-                if not isinstance(mod, LipschitzBatchNorm):
-                    res.problems.append(f"{path}: plain {type(mod).__name__} still executed")
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                sn = find_conv_spectral_norm(mod)
-                if sn is None:
-                    res.problems.append(f"{path}: {type(mod).__name__} executed without spectral norm")
-                elif sn.input_shape != shape[1:]:
-                    res.problems.append(f"{path}: spectral norm at {sn.input_shape}, sees {shape[1:]}")
-            if isinstance(mod, nn.Linear) and not is_lcnn_layer(mod):
-                res.problems.append(f"{path}: Linear executed without spectral norm")
-        relu_calls = [f for f in fnames if f in _RELU_FUNCS]
-        if relu_calls and not rep.fallbacks:  # (untraced forwards are reported as such)
-            res.problems.append(f"functional ReLU-family calls still executed: {sorted(set(relu_calls))}")
-        # the original is untouched
+        out1, seen, calls = _executed(lc, x)
+        res.problems += _execution_problems(lc, rep, seen, calls)
+        with torch.no_grad():
+            out2 = lc(x)
+        out1, out2 = _logits(out1), _logits(out2)
+        if not torch.isfinite(out1).all():
+            res.problems.append("eval: non-finite outputs")
+        elif not torch.equal(out1, out2):
+            res.problems.append(f"eval: two forwards differ (max {float((out1 - out2).abs().max()):.3g}): "
+                                f"dropout or another random op still active in eval")
+
+        stage = "operator norms"
+        norms = operator_norms(lc)
+        errors = {p: abs(n - 1.0) for p, n in norms.items() if not (n == 0.0 and _raw_weight_is_zero(lc, p))}
+        res.max_norm_error = max(errors.values(), default=0.0)
+        off = sorted(((e, p) for p, e in errors.items() if e > norm_tol), reverse=True)
+        if off:
+            res.problems.append(f"eval operator norms off by > {norm_tol:g} in {len(off)}/{len(norms)} layers: "
+                                + ", ".join(f"{p} {norms[p]:.4f}" for _, p in off[:3]))
+        if not norms:
+            res.problems.append("no spectrally normalized layer found")
+
+        if roundtrip:
+            stage = "state_dict round trip"
+            torch.manual_seed(1)
+            fresh = lcnnify(make(), example_inputs=x[:2])
+            fresh.load_state_dict(lc.state_dict())
+            fresh.eval()
+            with torch.no_grad():
+                out3 = _logits(fresh(x))
+            scale = float(out1.abs().max()) + 1e-6
+            err = float((out3 - out1).abs().max())
+            if not err <= 1e-4 * scale:
+                res.problems.append(f"state_dict round trip: eval outputs differ by {err:.3g} (scale {scale:.3g})")
+
+        stage = "original untouched"
         after = model.state_dict()
-        if before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before):
-            res.problems.append("original model's state dict changed")
+        changed = [k for k in before if k not in after or not torch.equal(before[k], after[k])]
+        if changed or before.keys() != after.keys():
+            res.problems.append(f"original model's state dict changed: {changed[:3]}")
         if [type(m) for m in model.modules()] != types_before:
             res.problems.append("original model's modules changed")
-        res.ok = not res.problems
+        flipped = [n or "<root>" for (n, a), (_, b) in zip(modes_before, _modes(model)) if a != b]
+        if flipped:
+            res.problems.append(f"original model's train/eval flags changed: {flipped[:3]}")
     except Exception as e:  # noqa: BLE001 - a zoo sweep records failures
-        res.error = f"{type(e).__name__}: {str(e)[:400]}"
+        res.clear_error = isinstance(e, LCNNError)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        res.error = (f"{stage}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                     f" [{where.filename.rsplit('/', 2)[-1]}:{where.lineno}]")
+    res.ok = not res.error and not res.problems
+    res.status = "failed" if not res.ok else ("fallback" if res.fallbacks else "converted")
+    res.seconds_total = time.perf_counter() - t_start
     return res
