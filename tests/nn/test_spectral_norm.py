@@ -254,9 +254,9 @@ def test_gradient_flows_to_raw_weight_through_sigma():
     conv(x).square().sum().backward()
     g = raw.grad.clone()
     assert torch.isfinite(g).all() and g.abs().sum() > 0
-    # reference: W / ||A_W v|| with the stored v, sigma differentiated (Miyato)
+    # reference: W / ||A_W v|| with the converged v of eval mode, sigma differentiated (Miyato)
     w = raw.detach().clone().requires_grad_(True)
-    wn = w / conv_apply(conv, sn.v, w).norm()
+    wn = w / conv_apply(conv, sn._converged.v, w).norm()
     F.conv2d(x, wn, conv.bias, padding=1).square().sum().backward()
     assert torch.allclose(g, w.grad, rtol=1e-10, atol=1e-12)
     # training mode: one power iteration, then sigma = ||A_W v|| with the new v (stored afterwards), differentiated
