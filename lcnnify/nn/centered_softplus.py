@@ -2,22 +2,36 @@
 
     s0(x; beta) = (softplus(beta x) - log 2) / beta = log((1 + exp(beta x)) / 2) / beta
 
-Numerics. The naive formula cancels catastrophically for small ``beta*x`` (``softplus(t) - log 2`` with
-``t -> 0``) and overflows for large ``beta*x``. We use the algebraically equal, branch-free form
+Forward. With a = beta |x| and w = tanh(a / 2) in [0, 1):  (1 + e^-a) / 2 = 1 / (1 + w), hence
 
-    s0(x; beta) = relu(x) + log1p(expm1(-beta |x|) / 2) / beta
+    s0(x; beta) = relu(x) - log1p(w) / beta,        log1p(w) = w * log(u) / (u - 1),  u = fl(1 + w)
 
-(for t = beta x > 0: log((1 + e^t)/2) = t + log((1 + e^-t)/2)). ``expm1(-a) / 2`` lies in (-1/2, 0] for every
-a >= 0, so nothing overflows, ``log1p`` / ``expm1`` keep full relative precision for small arguments, and the
-correction term lies in [-log 2 / beta, 0], i.e. |s0 - relu| <= log 2 / beta holds by construction. s0(0) = 0
-exactly; as beta -> 0 the correction tends to -|x|/2, so s0 -> x/2.
+(Goldberg's log1p: ``u - 1`` is exact, so the ratio log(u)/(u - 1), a smooth function of the rounded u, is
+accurate to a few ulp; w is clamped below at one ulp so that u != 1). Only tanh, log, abs, clamp and
+multiply/add passes are used (no ``expm1``/``log1p``/``softplus``, which have no vectorized CPU kernels).
+tanh keeps full relative precision for small a, so there is no cancellation anywhere: s0(0) = 0 exactly,
+s0 -> x/2 as beta -> 0 (w ~ a/2), nothing overflows (w saturates at 1 for any beta |x| up to inf), and the
+correction lies in [-log 2 / beta, 0], so |s0 - relu| <= log 2 / beta.
 
-Derivatives are given in closed form by a custom ``torch.autograd.Function`` whose backward is itself built
-from differentiable torch ops (so double backward / Hessian-vector products work):
+Backward from the output alone (like ReLU: the input is not saved, in-place updates of the input after the
+call are harmless). With z = beta y >= -log 2, e = exp(-z), t = beta x:
 
-    ds0/dx    = sigmoid(beta x)                       in [0, 1];  d2s0/dx2 = beta s(1-s) <= beta/4
-    ds0/dbeta = q(beta |x|) / beta^2,   q(a) = u tanh(u) - logcosh(u),  u = a/2
-              (= a sigmoid(-a)... rewritten without cancellation; q rises from 0 (~a^2/8) to log 2)
+    ds0/dx    = sigmoid(t) = 1 - e / 2
+    ds0/dbeta = q / beta^2,   q = t sigmoid(t) - z = [(1 + w) log1p(w) + (1 - w) log1p(-w)] / 2,
+                w = 1 - e = tanh(t / 2) in [-1, 1)
+
+q ~ w^2 / 2 near 0, so it is computed without cancellation: w = (e - 1)/log(e) * z (Kahan's expm1, exact
+for the rounded e), and 2q = A = w (z + w (G1 - G2)) for small |w| (G1 = log1p(w)/w, G2 = log1p(-w^2)/(-w^2),
+both Goldberg ratios), 2q = D = (1 + w) log1p(w) - e z for large |w| (no cancellation there), blended
+linearly over 0.5 <= |w| <= 0.7 where both are accurate. Everything is element-wise exp/log/mul/add.
+
+Accuracy limits that come from saving only the output: y holds sigmoid(t) only to absolute precision (about
+one ulp of log 2), so ds0/dx is relative-accurate for t >~ -6 and absolute-accurate (~1e-7 in float32) below,
+and ds0/dbeta is accurate to ~1e-6 relative for t <~ -14 (the part of q that depends on t is rounded away).
+
+Double backward (GradReg, CURE, Hessians): under ``create_graph`` the backward evaluates the same formulas
+with out-of-place torch ops on (y, beta), which autograd differentiates; y is this function's output, so
+the chain rule runs back through it.
 
 Low-precision inputs (float16 / bfloat16) are computed in float32 and cast back; float64 stays float64.
 """
@@ -33,87 +47,141 @@ __all__ = ["CenteredSoftplus", "centered_softplus"]
 _LOG2 = math.log(2.0)
 
 
-def _logcosh_small(u: Tensor) -> Tensor:
-    """log cosh(u) = log1p(2 sinh(u/2)^2); accurate for small |u|, only used for |u| <= 1."""
-    s = torch.sinh(u * 0.5)
-    return torch.log1p(2.0 * s * s)
+class _Consts:
+    """Per-dtype constants of the element-wise formulas."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        fi = torch.finfo(dtype)
+        self.w_min = fi.eps  # forward: w >= one ulp of 1, so fl(1 + w) > 1
+        self.guard = fi.tiny * 2.0 ** 40  # 0/0 guard of the Goldberg/Kahan ratios (far below any |u - 1|)
+        self.p_min = fi.tiny ** 0.5  # 1 + w >= this > 0 (w = -1 exactly when y is saturated at -log2/beta)
+        self.z_max = 80.0  # exp(-80) is a normal number in float32; beyond, every term is saturated
+        self.p2_min = 0.25  # 1 - w^2 is only needed for |w| <= 0.7, i.e. 1 - w^2 >= 0.51
+        self.v_lo, self.v_hi = 0.25, 0.49  # blend A -> D over w^2 in [0.5^2, 0.7^2]
 
 
-def _q(a: Tensor) -> Tensor:
-    """q(a) = beta^2 ds0/dbeta at a = beta |x| >= 0, without cancellation, finite everywhere.
+_CONSTS = {torch.float32: _Consts(torch.float32), torch.float64: _Consts(torch.float64)}
 
-    Small a: q = u tanh u - logcosh u with u = a/2 (the two terms are ~u^2 and ~u^2/2: no catastrophic loss).
-    Large a: q = -(a sigmoid(-a) + log1p(expm1(-a)/2)) (tends to log 2, no loss).
-    Each branch sees a clamped argument so the branch not taken never produces inf/NaN (also in gradients).
+
+def _forward_value(x: Tensor, beta: Tensor) -> Tensor:
+    """s0(x; beta) = relu(x) - w log(u) / ((u - 1) beta), w = tanh(beta |x| / 2), u = 1 + max(w, eps).
+
+    Element-wise passes in place on three fresh buffers; no autograd (called inside Function.forward).
     """
-    small = a <= 2.0
-    u = a.clamp(max=2.0) * 0.5
-    q_small = u * torch.tanh(u) - _logcosh_small(u)
-    b = a.clamp(min=2.0)
-    q_large = -(b * torch.sigmoid(-b) + torch.log1p(torch.expm1(-b) * 0.5))
-    return torch.where(small, q_small, q_large)
+    c = _CONSTS[x.dtype]
+    w = x.abs().mul_(beta * 0.5).tanh_()  # w = tanh(a/2), a = beta |x|
+    d = w.clamp(min=c.w_min)
+    u = d + 1.0
+    torch.sub(u, 1.0, out=d)  # u - 1, exact
+    r = u.log_().div_(d)  # log(u) / (u - 1) = log1p(w) / w
+    r.div_(beta)
+    y = torch.clamp(x, min=0.0, out=d)  # relu(x), reusing the buffer
+    return y.addcmul_(r, w, value=-1.0)
 
 
-def _q_fast(a: Tensor, t: Tensor) -> Tensor:
-    """q(a) = beta^2 ds0/dbeta (float32 fast path), reusing t = log1p(expm1(-a)/2) from the forward.
+def _slope_terms(y: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, e) with z = beta y clamped to [-log 2, z_max] and e = exp(-z) <= 2; differentiable ops.
 
-    a >= 0.1: q = -(a sigmoid(-a) + t) (no cancellation worse than ~40 ulp there);
-    a < 0.1: the series q = a^2/8 - a^4/64 + a^6/576 (truncation error < 2e-9 relative).
+    z >= -log 2 holds mathematically; the clamp removes the rounding of y below it, so that the slope
+    1 - e/2 is never negative.
     """
-    a2 = a * a
-    series = a2 * (0.125 - a2 * (1.0 / 64.0 - a2 * (1.0 / 576.0)))
-    large = (a * torch.sigmoid(-a)).add_(t).neg_()
-    return torch.where(a < 0.1, series, large)
+    c = _CONSTS[y.dtype]
+    z = (y * beta).clamp(min=-_LOG2, max=c.z_max)
+    return z, torch.exp(-z)
+
+
+def _q2_graph(z: Tensor, e: Tensor) -> Tensor:
+    """2q = 2 beta^2 ds0/dbeta from z = beta y and e = exp(-z), with out-of-place (differentiable) ops.
+
+    Keep in step with :func:`_q2_fast` (same operations, in place); a test checks that both agree.
+    """
+    c = _CONSTS[z.dtype]
+    w = (e - 1.0 - c.guard) / (torch.log(e) - c.guard) * z  # 1 - e^-z (Kahan)
+    p = (w + 1.0).clamp(min=c.p_min)
+    g1 = (torch.log(p) + c.guard) / (p - 1.0 + c.guard)  # log1p(w) / w
+    v = w * w
+    p2 = (1.0 - v).clamp(min=c.p2_min)
+    g2 = (torch.log(p2) + c.guard) / (p2 - 1.0 + c.guard)  # log1p(-v) / (-v)
+    small = w * (z + w * (g1 - g2))
+    large = p * (w * g1) - e * z
+    lam = ((v - c.v_lo) * (1.0 / (c.v_hi - c.v_lo))).clamp(0.0, 1.0)
+    return torch.lerp(small, large, lam)
+
+
+def _q2_fast(z: Tensor, e: Tensor) -> Tensor:
+    """:func:`_q2_graph` with in-place passes on reused buffers (first-order backward; z is consumed)."""
+    c = _CONSTS[z.dtype]
+    w = torch.sub(e, 1.0).sub_(c.guard)
+    t = torch.log(e).sub_(c.guard)
+    w.div_(t).mul_(z)  # w = 1 - e^-z
+    p = torch.add(w, 1.0).clamp_(min=c.p_min)
+    g1 = torch.log(p).add_(c.guard).div_(torch.sub(p, 1.0, out=t).add_(c.guard))  # log1p(w) / w
+    v = torch.mul(w, w, out=t)
+    p2 = torch.rsub(v, 1.0).clamp_(min=c.p2_min)
+    lam = v.sub_(c.v_lo).mul_(1.0 / (c.v_hi - c.v_lo)).clamp_(0.0, 1.0)  # t = lam from here on
+    g2 = torch.log(p2).add_(c.guard).div_(p2.sub_(1.0).add_(c.guard))  # log1p(-v) / (-v)
+    large = torch.mul(w, g1)
+    small = g1.sub_(g2).mul_(w).add_(z).mul_(w)  # w (z + w (g1 - g2))
+    large.mul_(p).sub_(z.mul_(e))  # (1 + w) log1p(w) - e z
+    return small.lerp_(large, lam)
 
 
 class _CenteredSoftplusFn(torch.autograd.Function):
-    """s0(x; beta) with closed-form derivatives; backward is differentiable (double backward).
+    """s0(x; beta) with closed-form derivatives from the output; saves only (y, beta).
 
-    The forward also returns t = log1p(expm1(-beta|x|)/2) (non-differentiable, discarded by the callers): a
-    first-order backward in float32 reuses it for the beta gradient (about half the element-wise passes of
-    the exact formula). Under create_graph (double backward: GradReg, CURE, Hessians) and in float64 the
-    fully differentiable exact formula :func:`_q` is used instead.
+    First-order backward: in-place element-wise passes. Under ``create_graph`` (double backward) the same
+    formulas as out-of-place ops on the saved output, differentiated by autograd.
     """
 
     @staticmethod
-    def forward(x: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        t = (x.abs() * beta).neg_().expm1_().mul_(0.5).log1p_()
-        return torch.relu(x).add_(t / beta), t
+    def forward(x: Tensor, beta: Tensor) -> Tensor:  # type: ignore[override]
+        return _forward_value(x, beta)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, beta = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, beta, output[1])
+        _, beta = inputs
+        ctx.save_for_backward(output, beta)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_t: Tensor | None = None):  # type: ignore[override]
-        x, beta, t = ctx.saved_tensors
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        y, beta = ctx.saved_tensors
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad * torch.sigmoid(x * beta)
-        if ctx.needs_input_grad[1]:
-            a = x.abs() * beta
-            if torch.is_grad_enabled() or x.dtype == torch.float64:
-                q = _q(a)  # differentiable and float64-exact
-            else:
-                q = _q_fast(a, t)
-            gb = (grad * q).sum_to_size(beta.shape) / (beta * beta)
+        if torch.is_grad_enabled():  # create_graph: differentiable ops
+            z, e = _slope_terms(y, beta)
+            if need_x:
+                gx = grad - grad * e * 0.5
+            if need_b:
+                gb = (grad * _q2_graph(z, e)).sum_to_size(beta.shape) / (2.0 * beta * beta)
+            return gx, gb
+        c = _CONSTS[y.dtype]
+        z = torch.mul(y, beta).clamp_(min=-_LOG2, max=c.z_max)  # as in _slope_terms
+        e = torch.mul(z, -1.0).exp_()
+        if need_x:
+            gx = torch.addcmul(grad, grad, e, value=-0.5)  # grad * (1 - e/2)
+        if need_b:
+            q2 = _q2_fast(z, e).mul_(grad)
+            gb = q2.sum_to_size(beta.shape).div_(beta * beta * 2.0)
         return gx, gb
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def centered_softplus(x: Tensor, beta: Tensor | float) -> Tensor:
     """Functional centered softplus ``log((1 + exp(beta x)) / 2) / beta`` (paper eq. 4).
 
     ``beta`` is a positive scalar or a tensor broadcastable against ``x``. float16/bfloat16 inputs are
-    computed in float32 and the result is cast back to ``x.dtype``.
+    computed in float32 and the result is cast back to ``x.dtype``. Saves only the (float32/float64) output
+    for backward.
     """
-    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdtype = _compute_dtype(x)
     if not isinstance(beta, Tensor):
         beta = torch.tensor(float(beta), dtype=cdtype, device=x.device)
     xc = x if x.dtype == cdtype else x.to(cdtype)
     bc = beta if beta.dtype == cdtype else beta.to(cdtype)
-    y = _CenteredSoftplusFn.apply(xc, bc)[0]
+    y = _CenteredSoftplusFn.apply(xc, bc)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -121,11 +189,13 @@ class CenteredSoftplus(nn.Module):
     r"""Centered softplus activation (Srinivas et al. 2022, §3.3, eq. 4).
 
     .. math:: s_0(x;\beta) = \frac{1}{\beta}\log\frac{1 + e^{\beta x}}{2}
-              = \mathrm{relu}(x) + \frac{1}{\beta}\log\Bigl(1 + \tfrac12\,\mathrm{expm1}(-\beta|x|)\Bigr)
+              = \mathrm{relu}(x) - \frac{1}{\beta}\,\mathrm{log1p}\bigl(\tanh(\beta|x|/2)\bigr)
 
     Properties (for every beta > 0): s0(0) = 0, s0' = sigmoid(beta x) in (0, 1), |s0''| <= beta/4,
     normalized curvature |s0''/s0'| <= beta, |s0 - relu| <= log(2)/beta, s0 -> x/2 as beta -> 0 and
     s0 -> relu as beta -> inf. Curvature is penalized through sum(beta) (paper eq. 5).
+
+    Only the output is saved for backward (the memory of a ReLU); derivatives are computed from it.
 
     Args:
         beta: initial beta (> 0); stored as the learnable parameter ``log_beta`` (``beta = exp(log_beta)``).
@@ -169,9 +239,9 @@ class CenteredSoftplus(nn.Module):
         return beta.view(shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cdtype = _compute_dtype(x)
         xc = x if x.dtype == cdtype else x.to(cdtype)
-        y = _CenteredSoftplusFn.apply(xc, self._beta_for(x, cdtype))[0]
+        y = _CenteredSoftplusFn.apply(xc, self._beta_for(x, cdtype))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
