@@ -1,20 +1,61 @@
-"""gamma-Lipschitz batch normalization (paper §3.4.2).
+r"""gamma-Lipschitz batch normalization (paper §3.4.2).
 
-In eval mode BN is the affine map  BN(x) = w * (x - mu) / sqrt(var + eps) + b  with per-channel gain
-|w_i| / sqrt(running_var_i + eps), so ||BN||_2 = L = max_i |w_i| / sqrt(running_var_i + eps) (w = 1 without
-affine). The gamma-Lipschitz BN scales the linear part by
+With per-channel statistics (mu, var) held fixed, BN is the affine map
+BN(x) = w * (x - mu) / sqrt(var + eps) + b with per-channel gains |w_i| / sqrt(var_i + eps), so its operator
+norm is  L(var) = max_i |w_i| / sqrt(var_i + eps)  (w = 1 without affine). The gamma-Lipschitz BN scales the
+linear part by the gain clip
 
-    s = min(1, gamma / L),   i.e.  gLBN(x) = s * w * (x - mu) / sqrt(var + eps) + b,
+    s(var) = min(1, gamma / L(var)),   i.e.  gLBN(x) = s * w * (x - mu) / sqrt(var + eps) + b,
 
-so its Lipschitz constant is s * L = min(L, gamma) <= gamma. gamma >= 1 is learnable and penalized through
+whose Lipschitz constant is s * L = min(L, gamma) <= gamma. gamma >= 1 is learnable and penalized through
 log(gamma) (paper eq. 5); it is stored as ``log_gamma_minus_1`` with gamma = 1 + exp(log_gamma_minus_1), which
 makes gamma >= 1 hold by construction (in floating point too: 1 + a non-negative number).
+
+Which statistics the clip uses
+------------------------------
+The clip is computed from **the statistics the layer normalizes with**: the batch statistics in training mode,
+the running statistics in eval mode. Then the map applied in either mode, with its statistics held fixed, has
+Lipschitz constant exactly min(L(var), gamma) <= gamma, and the eval-mode (certified) constant is
+min(L(running_var), gamma), as before.
+
+The reference implementation computes L from the *running* statistics also in training, while normalizing
+with the *batch* statistics. Its clip then bounds a map the layer does not apply: after a spectrally normalized
+convolution the activations' variance is often orders of magnitude below the placeholder ``running_var = 1``,
+so until the running statistics catch up the clip reads a small L (inactive) while the gain applied to the
+batch exceeds gamma many times. The network learns to rely on gains that the eval-mode clip (with accurate
+statistics) cuts away: eval accuracy stays near chance while train accuracy is high, and recalibrating the
+running statistics does not help, because it activates the clip that training never saw.
+
+In training the clip factor is a function of w and gamma (it carries their gradients) evaluated at the batch
+variance, which is treated as a constant (no gradient through var into s), exactly as the reference treats the
+running statistics; the normalization itself is ``F.batch_norm`` with its exact gradient.
+
+Running statistics
+------------------
+``num_batches_tracked = t`` counts the training batches; the running statistics are updated with the factor
+max(momentum, 1/t) (``stats_warmup=True``, default): the first batch replaces the placeholder initial values
+(mean 0, var 1), the first 1/momentum batches are averaged cumulatively (as ``momentum=None`` does throughout),
+then the usual exponential average follows. Without it, the placeholder carries weight (1 - momentum)^t, which
+dominates the eval-mode statistics for several times 1/momentum steps when the true variance is orders of
+magnitude smaller (as after a normalized convolution).
+``stats_warmup=False`` gives ``nn.BatchNorm``'s update exactly. A layer converted from a BatchNorm that has
+tracked at least 1/momentum batches (e.g. a trained model) keeps the plain exponential average.
+
+Synchronized statistics
+-----------------------
+``synchronized=True`` (what an ``nn.SyncBatchNorm`` converts to) reduces the batch statistics over
+``process_group`` in training mode, as ``nn.SyncBatchNorm`` does: mean and variance of the concatenation of all
+ranks' batches (ranks may hold different batch sizes, also empty ones), with gradients that flow across ranks;
+the clip uses these global statistics. Outside ``torch.distributed`` (not initialized, world size 1) and in eval
+mode the layer uses local statistics, like ``nn.SyncBatchNorm``.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -31,29 +72,77 @@ def _gamma_to_raw(gamma: float) -> float:
     return math.log(max(gamma - 1.0, 1e-8))
 
 
+def _reduce_dims(input: Tensor) -> list[int]:
+    return [0] + list(range(2, input.dim()))
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the ranks of a process group: the gradient of each rank's input is the sum over
+    ranks of the gradients of the (identical) outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _global_batch_stats(input: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean and biased variance of the concatenation of every rank's ``input`` (differentiable
+    across ranks), and the total count per channel. Two reductions (sum, then centred sum of squares), so the
+    variance does not cancel catastrophically when the mean is large."""
+    dims = _reduce_dims(input)
+    local_n = input.numel() // input.shape[1]
+    packed = torch.cat([input.sum(dims), input.new_full((1,), float(local_n))])
+    packed = _AllReduceSum.apply(packed, group)
+    total, count = packed[:-1], packed[-1].detach()
+    if float(count) <= 1.0:
+        raise ValueError(f"LipschitzBatchNorm: expected more than 1 value per channel when training, got "
+                         f"{int(count)} over all ranks (input of shape {tuple(input.shape)} on this rank)")
+    mean = total / count
+    centred = input - _channel_view(mean, input.dim())
+    var = _AllReduceSum.apply(centred.square().sum(dims), group) / count
+    return mean, var, count
+
+
 class LipschitzBatchNorm(_NormBase):
     r"""gamma-Lipschitz BatchNorm for (N, C), (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs (paper §3.4.2).
 
     .. math:: \mathrm{BN}_\gamma(x) = \min\Bigl(1, \frac{\gamma}{L}\Bigr)\,
               \frac{w\,(x-\mu)}{\sqrt{\sigma^2+\epsilon}} + b,\qquad
-              L = \max_i \frac{|w_i|}{\sqrt{\mathrm{running\_var}_i+\epsilon}}
+              L = \max_i \frac{|w_i|}{\sqrt{\sigma_i^2+\epsilon}}
 
-    * Normalization is exactly ``nn.BatchNorm``: batch statistics in training mode (running statistics updated
-      with ``momentum``, or a cumulative average when ``momentum=None``; ``num_batches_tracked`` counted), running
-      statistics in eval mode. The scale factor is folded into the BN weight, so the whole layer is one
-      ``F.batch_norm`` call.
-    * L always uses the running statistics (as the reference implementation), also in training mode (the values
-      before this batch's update). Its eval-mode gain is therefore exactly ``min(L, gamma) <= gamma``.
+    with (mu, sigma^2) the statistics the layer normalizes with (see the module docstring for why):
+
+    * training mode: the (biased) batch statistics, as ``nn.BatchNorm``; L from the same batch variance, treated
+      as a constant (no gradient through it into the clip). The map applied to the batch, with its statistics
+      held fixed, is min(L, gamma)-Lipschitz. Running statistics updated with the factor max(momentum, 1/t)
+      (``stats_warmup``; t = ``num_batches_tracked``), or the cumulative average with ``momentum=None``.
+    * eval mode: the running statistics; the gain is exactly :meth:`lipschitz_constant` = min(L, gamma) with
+      L from ``running_var`` (the certified value).
+    * The clip factor is folded into the BN weight, so outside synchronized training the whole layer is one
+      ``F.batch_norm`` call (plus one variance reduction in training).
     * ``track_running_stats=False`` (no running statistics; BN always normalizes with the batch statistics):
-      L uses the biased variance of the current batch, detached, i.e. the bound holds for the affine map that
-      the layer applies to that batch with its statistics held fixed.
+      L uses the biased variance of the current batch in both modes.
     * gamma = 1 + exp(log_gamma_minus_1) >= 1 by construction (initial value ``gamma``, default 10); it gets a
       gradient only while clipping is active (gamma < L).
     * ``frozen=True`` (used for torchvision's FrozenBatchNorm2d): always the running statistics, never updated,
       weight and bias not trainable.
+    * ``synchronized=True``: training-mode statistics reduced over ``process_group`` (default: the world), as
+      ``nn.SyncBatchNorm``; local statistics when ``torch.distributed`` is not initialized, the group has one
+      rank, or in eval mode. :meth:`convert_sync_batchnorm` switches it on for every layer of a model.
 
     state_dict keys: those of ``nn.BatchNorm`` (weight, bias, running_mean, running_var, num_batches_tracked)
-    plus ``log_gamma_minus_1``. Unlike SyncBatchNorm, statistics are not synchronized across processes.
+    plus ``log_gamma_minus_1``.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
@@ -61,11 +150,15 @@ class LipschitzBatchNorm(_NormBase):
         dim: 1, 2 or 3 to check inputs like BatchNorm1d/2d/3d; None accepts any 2d-5d input.
         bias: as ``nn.BatchNorm`` (``bias=False`` keeps only the weight).
         frozen: behave like a frozen BN (see above).
+        stats_warmup: update the running statistics with max(momentum, 1/t) instead of momentum.
+        synchronized: reduce the training-mode statistics over ``process_group`` (see above).
+        process_group: the group for ``synchronized`` (None: the default group).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, gamma: float = 10.0,
-                 dim: int | None = None, bias: bool = True, frozen: bool = False) -> None:
+                 dim: int | None = None, bias: bool = True, frozen: bool = False, stats_warmup: bool = True,
+                 synchronized: bool = False, process_group: Any = None) -> None:
         if dim not in _VALID_DIMS:
             raise ValueError(f"LipschitzBatchNorm: dim must be 1, 2, 3 or None, got {dim}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
@@ -74,6 +167,10 @@ class LipschitzBatchNorm(_NormBase):
         self.frozen = bool(frozen)
         if self.frozen and not track_running_stats:
             raise ValueError("LipschitzBatchNorm: frozen=True needs track_running_stats=True")
+        self.stats_warmup = bool(stats_warmup)
+        self.synchronized = bool(synchronized)
+        self.process_group = process_group
+        self._warmup_over = False  # cache: max(momentum, 1/t) == momentum from now on (saves a device sync)
         self.log_gamma_minus_1 = nn.Parameter(
             torch.tensor(_gamma_to_raw(gamma), device=device, dtype=dtype if dtype is not None else None))
 
@@ -88,6 +185,7 @@ class LipschitzBatchNorm(_NormBase):
         return F.softplus(self.log_gamma_minus_1)
 
     def _gain_terms(self, var: Tensor) -> Tensor:
+        """|w_i| / sqrt(var_i + eps) per channel (1 / sqrt(var_i + eps) without affine)."""
         inv_std = torch.rsqrt(var + self.eps)
         return inv_std if self.weight is None else self.weight.abs() * inv_std
 
@@ -107,23 +205,30 @@ class LipschitzBatchNorm(_NormBase):
             return self.gamma
         return torch.minimum(L, self.gamma.to(L.dtype))
 
-    def _scale(self, input: Tensor, use_batch_var: bool) -> Tensor:
-        """min(1, gamma / L) (differentiable w.r.t. gamma and w)."""
-        if use_batch_var:
-            dims = [0] + list(range(2, input.dim()))
-            with torch.no_grad():
-                var = torch.var(input.to(self._param_dtype()), dim=dims, unbiased=False)
-        else:
-            var = self.running_var
+    def clip_factor(self, var: Tensor) -> Tensor:
+        """s = min(1, gamma / L(var)) for the per-channel variance ``var`` (differentiable w.r.t. gamma, w)."""
         L = self._gain_terms(var).max()
         # min(1, gamma / L) written as gamma / max(L, gamma): identical values, but finite gradients when
         # L = 0 (zero-initialised BN weights, e.g. timm's zero_init_last) where gamma / L would be inf
         gamma = self.gamma.to(L.dtype)
         return gamma / torch.maximum(L, gamma)
 
+    def _scale(self, input: Tensor, use_batch_var: bool) -> Tensor:
+        """The clip factor from the batch variance of ``input`` (detached) or from ``running_var``."""
+        if use_batch_var:
+            with torch.no_grad():
+                var = torch.var(input.to(self._param_dtype()), dim=_reduce_dims(input), unbiased=False)
+        else:
+            var = self.running_var
+        return self.clip_factor(var)
+
     def _param_dtype(self) -> torch.dtype:
         ref = self.weight if self.weight is not None else self.running_var
         return ref.dtype if ref is not None else torch.float32
+
+    def _scaled_weight(self, s: Tensor) -> Tensor:
+        # contiguous: F.batch_norm's CPU backward reads a stride-0 (expanded) weight wrongly for 2d inputs
+        return s.expand(self.num_features).contiguous() if self.weight is None else self.weight * s
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -135,26 +240,69 @@ class LipschitzBatchNorm(_NormBase):
             raise ValueError(f"LipschitzBatchNorm: expected {self.num_features} channels at dim 1, got input "
                              f"of shape {tuple(input.shape)}")
 
+    def _average_factor(self) -> float:
+        """Count this training batch and return the running-statistics update factor."""
+        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is not None and (not self.stats_warmup or self._warmup_over):
+            return self.momentum
+        t = int(self.num_batches_tracked)
+        if self.momentum is None:
+            return 1.0 / t
+        if t * self.momentum >= 1.0:
+            self._warmup_over = True
+        return max(self.momentum, 1.0 / t)
+
+    def _sync_group(self) -> Any:
+        """The process group to reduce over in this call, or None for local statistics."""
+        if not (self.synchronized and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if self.frozen:
-            s = self._scale(input, use_batch_var=False)
-            w = s.expand(self.num_features) if self.weight is None else self.weight * s
+            w = self._scaled_weight(self._scale(input, use_batch_var=False))
             return F.batch_norm(input, self.running_mean, self.running_var, w, self.bias, False, 0.0, self.eps)
 
-        eaf = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            eaf = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
-        # L from the running statistics *before* this batch's update (F.batch_norm updates them in place).
-        s = self._scale(input, use_batch_var=self.running_var is None)
-        w = s.expand(self.num_features) if self.weight is None else self.weight * s
+        eaf = self._average_factor()
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if bn_training:
+            group = self._sync_group()
+            if group is not None:
+                return self._synchronized_forward(input, group, eaf)
+        s = self._scale(input, use_batch_var=bn_training)
         return F.batch_norm(
             input,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            w, self.bias, bn_training, eaf, self.eps)
+            self._scaled_weight(s), self.bias, bn_training, eaf, self.eps)
+
+    def _synchronized_forward(self, input: Tensor, group: Any, eaf: float) -> Tensor:
+        """Training mode under a process group: normalize with the statistics of all ranks' batches."""
+        cd = torch.promote_types(input.dtype, self._param_dtype())
+        x = input.to(cd)
+        mean, var, count = _global_batch_stats(x, group)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():  # nn.SyncBatchNorm's update: unbiased variance of the global batch
+                rm, rv = self.running_mean, self.running_var
+                rm.mul_(1.0 - eaf).add_(mean.detach().to(rm.dtype), alpha=eaf)
+                rv.mul_(1.0 - eaf).add_((var.detach() * (count / (count - 1.0))).to(rv.dtype), alpha=eaf)
+        s = self.clip_factor(var.detach())
+        a = torch.rsqrt(var + self.eps) * self._scaled_weight(s).to(cd)  # y = a * (x - mean) + b
+        c = -mean * a if self.bias is None else self.bias.to(cd) - mean * a
+        y = torch.addcmul(_channel_view(c, x.dim()), x, _channel_view(a, x.dim()))
+        return y.to(input.dtype)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._warmup_over = False  # num_batches_tracked may change
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._warmup_over = False
 
     def extra_repr(self) -> str:
         g = self.gamma.detach().float().item()
@@ -163,6 +311,10 @@ class LipschitzBatchNorm(_NormBase):
             extra += f", dim={self.dim}"
         if self.frozen:
             extra += ", frozen=True"
+        if not self.stats_warmup:
+            extra += ", stats_warmup=False"
+        if self.synchronized:
+            extra += ", synchronized=True"
         return super().extra_repr() + extra
 
     # ------------------------------------------------------------------ conversion
@@ -170,7 +322,8 @@ class LipschitzBatchNorm(_NormBase):
     def from_batchnorm(cls, bn: nn.Module, gamma: float = 10.0) -> "LipschitzBatchNorm":
         """A LipschitzBatchNorm with ``bn``'s hyper-parameters, weight, bias and running statistics (copies,
         same device and dtype, same train/eval mode). Accepts nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm (the
-        result is not synchronized) and torchvision's FrozenBatchNorm2d (the result is ``frozen``)."""
+        result is ``synchronized`` over the same ``process_group``) and torchvision's FrozenBatchNorm2d (the
+        result is ``frozen``)."""
         from torch.nn.modules.batchnorm import _BatchNorm
         frozen = False
         if isinstance(bn, _BatchNorm):
@@ -186,10 +339,12 @@ class LipschitzBatchNorm(_NormBase):
         else:
             raise TypeError(f"LipschitzBatchNorm.from_batchnorm: unsupported module {type(bn).__name__}; "
                             f"expected nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm or FrozenBatchNorm2d")
+        sync = isinstance(bn, nn.SyncBatchNorm)
         ref = bn.running_mean if getattr(bn, "running_mean", None) is not None else bn.weight
         num_features = int(ref.shape[0])
         new = cls(num_features, eps=float(bn.eps), momentum=momentum, affine=affine, track_running_stats=trs,
-                  device=ref.device, dtype=ref.dtype, gamma=gamma, dim=dim, bias=has_bias, frozen=frozen)
+                  device=ref.device, dtype=ref.dtype, gamma=gamma, dim=dim, bias=has_bias, frozen=frozen,
+                  synchronized=sync, process_group=bn.process_group if sync else None)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
                 src, dst = getattr(bn, name, None), getattr(new, name, None)
@@ -206,3 +361,14 @@ class LipschitzBatchNorm(_NormBase):
                 new.bias.requires_grad_(bn.bias.requires_grad)
         new.train(bn.training)
         return new
+
+    @staticmethod
+    def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Make every non-frozen LipschitzBatchNorm in ``module`` ``synchronized`` over ``process_group``, in
+        place (the counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``, which does not see these layers
+        because they are not ``nn.BatchNorm`` subclasses). Returns ``module``."""
+        for m in module.modules():
+            if isinstance(m, LipschitzBatchNorm) and not m.frozen:
+                m.synchronized = True
+                m.process_group = process_group
+        return module

@@ -90,7 +90,8 @@ def test_gamma_initial_value_and_validation(gamma):
 def test_train_mode_running_stats_and_outputs_match_nn_batchnorm(dim, momentum, affine):
     torch.manual_seed(0)
     ref = BN[dim](4, momentum=momentum, affine=affine)
-    lbn = LipschitzBatchNorm.from_batchnorm(ref, gamma=10.0)  # L = 1 <= gamma: no clipping
+    lbn = LipschitzBatchNorm.from_batchnorm(ref, gamma=10.0)  # L = 1 / 3 <= gamma: no clipping
+    lbn.stats_warmup = False  # nn.BatchNorm's update rule exactly
     shapes = [SHAPES[dim]] + ([(6, 4)] if dim == 1 else [])
     for shape in shapes * 2:
         x = torch.randn(*shape) * 3 + 1
@@ -170,12 +171,130 @@ def test_frozen_batchnorm2d_conversion_stays_frozen():
     assert set(frozen.state_dict()) <= set(lbn.state_dict())
 
 
-def test_sync_batchnorm_converts_to_plain_lipschitz_batchnorm():
+def test_sync_batchnorm_converts_to_synchronized_layer_that_is_local_outside_distributed():
     sbn = nn.SyncBatchNorm(4, momentum=0.3)
     lbn = LipschitzBatchNorm.from_batchnorm(sbn)
     assert type(lbn) is LipschitzBatchNorm and lbn.momentum == 0.3 and lbn.dim is None
-    assert lbn(torch.randn(3, 4, 2, 2)).shape == (3, 4, 2, 2)
+    assert lbn.synchronized and lbn.process_group is None and "synchronized=True" in repr(lbn)
     assert is_lcnn_layer(lbn) and not is_lcnn_layer(sbn)
+    # torch.distributed not initialized: exactly the local computation (outputs, statistics, gradients)
+    local = LipschitzBatchNorm.from_batchnorm(nn.BatchNorm2d(4, momentum=0.3))
+    assert not local.synchronized
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2, 2) * 0.05
+    for mod in (lbn, local):
+        xi = x.clone().requires_grad_(True)
+        mod(xi).square().sum().backward()
+        mod.grad_x = xi.grad
+    assert torch.equal(lbn.grad_x, local.grad_x) and torch.equal(lbn.running_var, local.running_var)
+    assert torch.equal(lbn.log_gamma_minus_1.grad, local.log_gamma_minus_1.grad)
+
+
+def test_convert_sync_batchnorm_marks_every_trainable_layer():
+    torchvision = pytest.importorskip("torchvision")
+    frozen = LipschitzBatchNorm.from_batchnorm(torchvision.ops.misc.FrozenBatchNorm2d(2))
+    model = nn.Sequential(LipschitzBatchNorm(2), nn.Sequential(LipschitzBatchNorm(2)), frozen)
+    group = object()  # any handle: stored, used only under torch.distributed
+    assert LipschitzBatchNorm.convert_sync_batchnorm(model, group) is model
+    assert [m.synchronized for m in model.modules() if isinstance(m, LipschitzBatchNorm)] == [True, True, False]
+    assert model[0].process_group is group and model[1][0].process_group is group
+
+
+@SETTINGS
+@given(state=bn_states(), log_scale=st.floats(-6.0, 3.0), running_log_var=st.floats(-8.0, 5.0))
+def test_training_map_is_gamma_lipschitz_for_its_batch_and_ignores_running_statistics(state, log_scale,
+                                                                                      running_log_var):
+    """In training the clip reads the statistics the layer normalizes with (the batch's), so the applied map
+    (statistics held fixed) has per-channel gains s * |w_i| / sqrt(var_i + eps) with s = min(1, gamma / L_batch),
+    whatever the running statistics are."""
+    c, affine, gamma, log_var, weights = state
+    gen = torch.Generator().manual_seed(c)
+    scales = torch.tensor(log_var, dtype=torch.float64).mul(0.5).exp() * math.exp(log_scale)
+    x = torch.randn(8, c, 3, 3, generator=gen, dtype=torch.float64) * scales.view(1, c, 1, 1) + 0.3
+    bias = torch.randn(c, generator=gen, dtype=torch.float64)
+    outs = []
+    for rv in (1.0, math.exp(running_log_var)):
+        bn = LipschitzBatchNorm(c, affine=affine, gamma=gamma, dtype=torch.float64)
+        with torch.no_grad():
+            bn.running_var.fill_(rv)
+            if affine:
+                bn.weight.copy_(torch.tensor(weights, dtype=torch.float64))
+                bn.bias.copy_(bias)
+        outs.append(bn(x).detach())
+    assert torch.equal(outs[0], outs[1])
+    # independent reference: the float64 formula with the biased batch statistics
+    mean = x.mean(dim=(0, 2, 3))
+    var = ((x - mean.view(1, c, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+    w = torch.tensor(weights, dtype=torch.float64) if affine else torch.ones(c, dtype=torch.float64)
+    gains = w.abs() / (var + bn.eps).sqrt()
+    s = min(1.0, bn.gamma.item() / max(gains.max().item(), 1e-300))
+    b = bn.bias.detach() if affine else torch.zeros(c, dtype=torch.float64)
+    want = s * (w / (var + bn.eps).sqrt()).view(1, c, 1, 1) * (x - mean.view(1, c, 1, 1)) + b.view(1, c, 1, 1)
+    torch.testing.assert_close(outs[1], want, rtol=1e-10, atol=1e-12)
+    assert s * gains.max().item() <= bn.gamma.item() * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (9, 3)])
+def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(affine, shape):
+    torch.manual_seed(0)
+    c = 3
+    bn = LipschitzBatchNorm(c, gamma=2.0, affine=affine, dtype=torch.float64)
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([1.0, -3.0, 0.5], dtype=torch.float64))
+            bn.bias.normal_()
+    x = (torch.randn(*shape, dtype=torch.float64) * 0.2).requires_grad_(True)  # L >= 5 > gamma: clipping
+    g = torch.randn(*shape, dtype=torch.float64)
+    (bn(x) * g).sum().backward()
+    # reference: s(w, gamma) at the detached batch variance, times an exact batch normalization
+    dims = [0] + list(range(2, len(shape)))
+    view = (1, c) + (1,) * (len(shape) - 2)
+    w = (bn.weight.detach() if affine else torch.ones(c, dtype=torch.float64)).clone().requires_grad_(True)
+    b = bn.bias.detach() if affine else torch.zeros(c, dtype=torch.float64)
+    raw = bn.log_gamma_minus_1.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    var_const = xr.detach().var(dim=dims, unbiased=False)
+    gamma = 1 + raw.exp()
+    L = (w.abs() / (var_const + bn.eps).sqrt()).max()
+    s = torch.minimum(torch.ones((), dtype=torch.float64), gamma / L)
+    mean = xr.mean(dim=dims, keepdim=True)
+    var = ((xr - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = s * w.view(view) * (xr - mean) / (var + bn.eps).sqrt() + b.view(view)
+    (y * g).sum().backward()
+    assert s.item() < 1.0
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(bn.log_gamma_minus_1.grad, raw.grad, rtol=1e-9, atol=1e-12)
+    if affine:
+        torch.testing.assert_close(bn.weight.grad, w.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_running_statistics_warm_up_then_follow_the_exponential_average(momentum):
+    """factor a_t = max(momentum, 1/t): the first batch replaces the placeholder (0, 1), then a cumulative
+    average until 1/momentum batches, then the exponential average; checked against the recurrence in float64."""
+    torch.manual_seed(1)
+    bn = LipschitzBatchNorm(3, momentum=momentum, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for t in range(1, 16):
+        x = torch.randn(5, 3, 2, 2, dtype=torch.float64) * 0.01 * t + t
+        bn(x)
+        n = x.numel() // 3
+        mean = x.sum(dim=(0, 2, 3)) / n
+        uvar = ((x - mean.view(1, 3, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / (n - 1)
+        a = 1.0 / t if momentum is None else max(momentum, 1.0 / t)
+        rm, rv = (1 - a) * rm + a * mean, (1 - a) * rv + a * uvar
+        if t == 1:
+            torch.testing.assert_close(bn.running_var, uvar, rtol=1e-12, atol=0)  # placeholder gone
+        torch.testing.assert_close(bn.running_mean, rm, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, rv, rtol=1e-12, atol=1e-12)
+    # a layer that has tracked many batches (a trained model's) keeps the plain exponential average
+    trained = nn.BatchNorm2d(3, momentum=0.1).double()
+    trained.num_batches_tracked.fill_(100)
+    lbn = LipschitzBatchNorm.from_batchnorm(trained)
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    lbn(x), trained(x)
+    assert torch.equal(lbn.running_var, trained.running_var) and lbn.num_batches_tracked.item() == 101
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -186,8 +305,11 @@ def test_gamma_receives_gradient_only_when_clipping_is_active(train):
     x = torch.randn(8, 3, 4, 4)
     lbn(x).square().sum().backward()
     assert lbn.log_gamma_minus_1.grad is None or lbn.log_gamma_minus_1.grad.item() == 0.0  # L = 1 < gamma
-    with torch.no_grad():
-        lbn.running_var.fill_(0.01)  # L = 10 > gamma = 2: clipping active
+    if train:
+        x = x * 0.1  # batch variance 0.01: L = 10 > gamma = 2, clipping active
+    else:
+        with torch.no_grad():
+            lbn.running_var.fill_(0.01)  # L = 10 > gamma = 2: clipping active
     lbn.zero_grad()
     lbn(x).square().sum().backward()
     g = lbn.log_gamma_minus_1.grad
