@@ -334,7 +334,8 @@ def test_finetuning_a_trained_model_keeps_its_accuracy_and_anneals_beta():
     # with the paper's recipe (73.6%), and the penalty must have pulled beta down.
     train, test = digits()
     torch.manual_seed(0)
-    trained = fit(TinyCNN(classes=10, c=8), train, test, method="standard", prepare=False, epochs=6, batch_size=64, progress=False).model
+    trained = fit(TinyCNN(classes=10, c=8), train, test, method="standard", prepare=False, epochs=6, batch_size=64,
+                  progress=False).model
     acc_trained = evaluate(trained, test)["acc"]
     ft = fit(trained, train, test, method="lcnn", recipe="finetune", epochs=4, batch_size=64, progress=False)
     torch.manual_seed(0)

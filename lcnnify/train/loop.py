@@ -219,8 +219,13 @@ def _lcnn_options(rec: Recipe, given: Mapping[str, Any]) -> dict[str, Any]:
     from ..config import LCNNConfig
 
     opts = dict(given)
-    if rec.preserve_function and "preserve_function" in {f.name for f in dataclasses.fields(LCNNConfig)}:
-        opts.setdefault("preserve_function", True)
+    if rec.preserve_function:
+        if "preserve_function" in {f.name for f in dataclasses.fields(LCNNConfig)}:
+            opts.setdefault("preserve_function", True)
+        else:
+            warnings.warn(f"recipe {rec.name!r} converts with preserve_function=True, which this lcnnify version "
+                          "does not have: the model is converted without it (its accuracy drops at conversion "
+                          "and is regained by the fine-tuning)", LCNNWarning, stacklevel=4)
     return opts
 
 
