@@ -238,6 +238,8 @@ BAD = {
     "lambda for a baseline method": (["train", "--dataset", "digits", "--method", "standard", "--lambda-beta",
                                       "0.1", "--quick"], "only apply to the 'lcnn' methods"),
     "negative lambda": (["train", "--dataset", "digits", "--lambda-beta", "-1"], "a number >= 0"),
+    "vgg11 on 8x8 digits (five halvings)": (["train", "--dataset", "digits", "--model", "cifar_vgg11", "--quick"],
+                                            "does not accept inputs of size 1 8 8"),
     "no command": ([], "required"),
 }
 
@@ -259,6 +261,20 @@ def test_bad_input_gives_a_clear_message_and_nonzero_exit(case, capsys, tmp_path
     assert "Traceback" not in err and "Traceback" not in out
     assert "error:" in err
     assert expected in err, err
+
+
+def test_only_the_demo_command_imports_the_demo():
+    import ast
+
+    def imports_demo(node) -> bool:
+        return isinstance(node, ast.ImportFrom) and (
+            (node.level == 1 and (node.module or "").split(".")[0] == "demo")
+            or (node.module or "").startswith("lcnnify.demo"))
+
+    tree = ast.parse((ROOT / "lcnnify" / "cli.py").read_text())
+    importers = [top.name if isinstance(top, ast.FunctionDef) else "<module>"
+                 for top in tree.body for node in ast.walk(top) if imports_demo(node)]
+    assert importers == ["cmd_demo"], importers
 
 
 def test_unexpected_errors_still_show_a_traceback(monkeypatch):
