@@ -33,6 +33,10 @@ Double backward (GradReg, CURE, Hessians): under ``create_graph`` the backward e
 with out-of-place torch ops on (y, beta), which autograd differentiates; y is this function's output, so
 the chain rule runs back through it.
 
+Speed. Large CPU tensors are processed in cache-sized chunks (fresh tensor-sized temporaries cost a page
+fault per 4 KiB; chunk-sized scratch buffers are reused by the allocator and stay in cache). ``inplace=True``
+writes the output over the input (like ``relu_``), so the activation then keeps no tensor of its own.
+
 Low-precision inputs (float16 / bfloat16) are computed in float32 and cast back; float64 stays float64.
 """
 from __future__ import annotations
@@ -63,20 +67,52 @@ class _Consts:
 _CONSTS = {torch.float32: _Consts(torch.float32), torch.float64: _Consts(torch.float64)}
 
 
-def _forward_value(x: Tensor, beta: Tensor) -> Tensor:
-    """s0(x; beta) = relu(x) - w log(u) / ((u - 1) beta), w = tanh(beta |x| / 2), u = 1 + max(w, eps).
+def _forward_value(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
+    """out = s0(x; beta) = relu(x) - w log(u) / ((u - 1) beta), w = tanh(beta |x| / 2), u = 1 + max(w, eps).
 
-    Element-wise passes in place on three fresh buffers; no autograd (called inside Function.forward).
+    In-place element-wise passes on two scratch buffers; no autograd (called inside Function.forward).
     """
     c = _CONSTS[x.dtype]
     w = x.abs().mul_(beta * 0.5).tanh_()  # w = tanh(a/2), a = beta |x|
-    d = w.clamp(min=c.w_min)
-    u = d + 1.0
-    torch.sub(u, 1.0, out=d)  # u - 1, exact
-    r = u.log_().div_(d)  # log(u) / (u - 1) = log1p(w) / w
-    r.div_(beta)
-    y = torch.clamp(x, min=0.0, out=d)  # relu(x), reusing the buffer
-    return y.addcmul_(r, w, value=-1.0)
+    u = w.clamp(min=c.w_min).add_(1.0)
+    torch.clamp(x, min=0.0, out=out)  # relu(x)
+    r = torch.sub(u, 1.0)  # u - 1, exact
+    r = u.log_().div_(r).div_(beta)  # log(u) / ((u - 1) beta) = log1p(w) / (w beta)
+    return out.addcmul_(r, w, value=-1.0)
+
+
+class _Chunks:
+    """Views of x-shaped tensors in pieces of about ``_CHUNK_PER_THREAD * threads`` elements (CPU only).
+
+    The element-wise passes then run on cache-sized scratch buffers that the allocator reuses, instead of a
+    dozen tensor-sized temporaries (each a fresh, page-faulting allocation). Pieces are flat ranges when beta
+    is a single number, else ranges of dim 0 when beta does not vary along it; otherwise the whole tensor.
+    """
+
+    def __init__(self, x: Tensor, beta: Tensor) -> None:
+        n = x.numel()
+        target = _CHUNK_PER_THREAD * max(1, torch.get_num_threads())
+        self.beta, self.flat, self.bounds = beta, False, [None]
+        if x.device.type != "cpu" or n <= 2 * target:
+            return
+        if beta.numel() == 1 and x.is_contiguous():
+            self.beta, self.flat = beta.reshape(()), True
+            self.bounds = [(i, min(i + target, n)) for i in range(0, n, target)]
+        elif x.dim() > 1 and x.shape[0] > 1 and (beta.dim() < x.dim() or beta.shape[0] == 1):
+            step = max(1, target * x.shape[0] // n)
+            self.bounds = [(i, min(i + step, x.shape[0])) for i in range(0, x.shape[0], step)]
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def view(self, t: Tensor, k: int) -> Tensor:
+        b = self.bounds[k]
+        if b is None:
+            return t
+        return t.view(-1)[b[0]:b[1]] if self.flat else t[b[0]:b[1]]
+
+
+_CHUNK_PER_THREAD = 1 << 16
 
 
 def _slope_terms(y: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,12 +170,18 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, beta: Tensor) -> Tensor:  # type: ignore[override]
-        return _forward_value(x, beta)
+    def forward(x: Tensor, beta: Tensor, inplace: bool = False) -> Tensor:  # type: ignore[override]
+        out = x if inplace else torch.empty_like(x)
+        ch = _Chunks(x, beta)
+        for k in range(len(ch)):
+            _forward_value(ch.view(x, k), ch.beta, ch.view(out, k))
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        _, beta = inputs
+        x, beta, inplace = inputs
+        if inplace:
+            ctx.mark_dirty(x)
         ctx.save_for_backward(output, beta)
 
     @staticmethod
@@ -153,36 +195,55 @@ class _CenteredSoftplusFn(torch.autograd.Function):
                 gx = grad - grad * e * 0.5
             if need_b:
                 gb = (grad * _q2_graph(z, e)).sum_to_size(beta.shape) / (2.0 * beta * beta)
-            return gx, gb
+            return gx, gb, None
         c = _CONSTS[y.dtype]
-        z = torch.mul(y, beta).clamp_(min=-_LOG2, max=c.z_max)  # as in _slope_terms
-        e = torch.mul(z, -1.0).exp_()
+        ch = _Chunks(y, beta)
+        if ch.flat and not grad.is_contiguous():
+            grad = grad.contiguous()
         if need_x:
-            gx = torch.addcmul(grad, grad, e, value=-0.5)  # grad * (1 - e/2)
+            gx = torch.empty_like(y)
+        parts = []
+        for k in range(len(ch)):
+            g = ch.view(grad, k)
+            z = torch.mul(ch.view(y, k), ch.beta).clamp_(min=-_LOG2, max=c.z_max)  # as in _slope_terms
+            e = torch.mul(z, -1.0).exp_()
+            if need_x:
+                torch.addcmul(g, g, e, value=-0.5, out=ch.view(gx, k))  # grad * (1 - e/2)
+            if need_b:
+                parts.append(_q2_fast(z, e).mul_(g).sum_to_size(ch.beta.shape))
         if need_b:
-            q2 = _q2_fast(z, e).mul_(grad)
-            gb = q2.sum_to_size(beta.shape).div_(beta * beta * 2.0)
-        return gx, gb
+            gb = (torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]).reshape(beta.shape)
+            gb = gb.div_(beta * beta * 2.0)
+        return gx, gb, None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def centered_softplus(x: Tensor, beta: Tensor | float) -> Tensor:
+def centered_softplus(x: Tensor, beta: Tensor | float, inplace: bool = False) -> Tensor:
     """Functional centered softplus ``log((1 + exp(beta x)) / 2) / beta`` (paper eq. 4).
 
     ``beta`` is a positive scalar or a tensor broadcastable against ``x``. float16/bfloat16 inputs are
     computed in float32 and the result is cast back to ``x.dtype``. Saves only the (float32/float64) output
     for backward.
+
+    ``inplace=True`` overwrites ``x`` with the result (float32/float64 inputs; others are computed out of
+    place), like ``relu_``: only valid where nothing else needs ``x`` afterwards (autograd raises an error
+    if something saved it for backward). Then no new activation-sized tensor is kept at all.
     """
     cdtype = _compute_dtype(x)
     if not isinstance(beta, Tensor):
         beta = torch.tensor(float(beta), dtype=cdtype, device=x.device)
-    xc = x if x.dtype == cdtype else x.to(cdtype)
     bc = beta if beta.dtype == cdtype else beta.to(cdtype)
-    y = _CenteredSoftplusFn.apply(xc, bc)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return _apply(x, bc, inplace)
+
+
+def _apply(x: Tensor, beta: Tensor, inplace: bool) -> Tensor:
+    cdtype = beta.dtype
+    if x.dtype == cdtype:
+        return _CenteredSoftplusFn.apply(x, beta, inplace)
+    return _CenteredSoftplusFn.apply(x.to(cdtype), beta, True).to(x.dtype)  # the float32 copy is ours
 
 
 class CenteredSoftplus(nn.Module):
@@ -202,13 +263,19 @@ class CenteredSoftplus(nn.Module):
         num_channels: if given, one beta per channel (``log_beta`` has shape ``(num_channels,)``), broadcast
             along ``channel_dim`` of the input.
         channel_dim: the channel dimension of the input for per-channel beta (default 1, negative allowed).
+        inplace: overwrite the input with the output (float32/float64 inputs), like ``nn.ReLU(inplace=True)``;
+            only where nothing else uses the input afterwards.
 
     Numerically stable for beta in [1e-4, 1e4] and |x| up to 1e4 in float32/float64 (float16/bfloat16
     inputs are computed in float32), for values and for first and second derivatives w.r.t. x and beta.
     """
 
-    def __init__(self, beta: float = 5.0, num_channels: int | None = None, channel_dim: int = 1) -> None:
+    inplace: bool = False  # class default: modules pickled before the option existed
+
+    def __init__(self, beta: float = 5.0, num_channels: int | None = None, channel_dim: int = 1,
+                 inplace: bool = False) -> None:
         super().__init__()
+        self.inplace = bool(inplace)
         beta = float(beta)
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"CenteredSoftplus: beta must be a finite number > 0, got {beta}")
@@ -239,15 +306,13 @@ class CenteredSoftplus(nn.Module):
         return beta.view(shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        cdtype = _compute_dtype(x)
-        xc = x if x.dtype == cdtype else x.to(cdtype)
-        y = _CenteredSoftplusFn.apply(xc, self._beta_for(x, cdtype))
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return _apply(x, self._beta_for(x, _compute_dtype(x)), self.inplace)
 
     def extra_repr(self) -> str:
         with torch.no_grad():
             b = self.beta.detach().float().cpu()
+        extra = ", inplace=True" if self.inplace else ""
         if self.num_channels is None:
-            return f"beta={b.item():.4g}"
+            return f"beta={b.item():.4g}{extra}"
         return (f"num_channels={self.num_channels}, channel_dim={self.channel_dim}, "
-                f"beta=[min {b.min().item():.4g}, max {b.max().item():.4g}]")
+                f"beta=[min {b.min().item():.4g}, max {b.max().item():.4g}]{extra}")

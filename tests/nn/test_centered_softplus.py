@@ -148,6 +148,42 @@ def test_fast_and_differentiable_backward_formulas_agree():
         assert torch.allclose(fast, slow, rtol=4 * torch.finfo(dtype).eps, atol=0)
 
 
+def _fwd_bwd(x, b, g):
+    x = x.detach().requires_grad_(True)
+    b = b.detach().requires_grad_(True)
+    y = centered_softplus(x, b)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    return y.detach(), gx, gb
+
+
+@pytest.mark.parametrize("case", ["scalar", "per_channel", "per_element", "channels_last", "expanded_grad"])
+def test_cache_sized_chunks_give_the_same_results_as_one_pass(case, monkeypatch):
+    """Large CPU tensors are processed in chunks; force chunking on a small tensor and compare with the
+    unchunked computation (element-wise results bit-identical, beta gradients up to summation order)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 7) * 3
+    b = torch.tensor(1.7)
+    if case in ("per_channel", "channels_last"):
+        b = torch.tensor([0.3, 1.0, 4.0, 20.0]).view(1, 4, 1, 1)
+    if case == "per_element":
+        b = torch.rand(6, 4, 5, 7) + 0.5
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(6, 4, 5, 7)
+    if case == "expanded_grad":
+        g = torch.tensor(0.7).expand(6, 4, 5, 7)
+    whole = _fwd_bwd(x, b, g)
+    monkeypatch.setattr(csp_mod, "_CHUNK_PER_THREAD", 5)
+    chunks = csp_mod._Chunks(x, b)
+    assert len(chunks) > 1 or case == "per_element"
+    chunked = _fwd_bwd(x, b, g)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    scale = (g.abs() * LOG2 / (b * b)).sum()  # bound on the sum of |terms| of the beta gradient
+    assert ((whole[2] - chunked[2]).abs() <= 1e-6 * scale).all()
+    if case == "channels_last":
+        assert chunked[0].is_contiguous(memory_format=torch.channels_last)
+
+
 # ---------------------------------------------------------------- invariants
 @SETTINGS
 @given(x_list=x_lists, beta=betas)
@@ -335,6 +371,43 @@ def test_saves_only_its_output_and_beta_for_backward():
     # the multiplication x * 1.0 saves nothing tensor-sized; the activation saves its output only
     assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
     assert all(t.numel() <= 16 for t in saved if t is not big[0])
+
+
+@pytest.mark.parametrize("channels", [None, 4])
+def test_inplace_variant_overwrites_its_input_and_gives_the_same_values_and_gradients(channels):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    x0 = torch.randn(3, 4, 5, 5) * 2
+    results = []
+    for inplace in (False, True):
+        act = CenteredSoftplus(1.5, num_channels=channels, inplace=inplace)
+        x = x0.clone().requires_grad_(True)
+        h = bn(x)
+        ptr = h.data_ptr()
+        y = act(h)
+        assert (y.data_ptr() == ptr) == inplace
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad, act.log_beta.grad))
+        bn.zero_grad()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert "inplace=True" in repr(CenteredSoftplus(1.0, inplace=True))
+
+
+def test_inplace_functional_keeps_no_extra_tensor_and_low_precision_leaves_input_untouched():
+    x = torch.randn(8, 16).mul(3.0).requires_grad_(True)
+    h = x * 1.0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = centered_softplus(h, 2.0, inplace=True)
+    assert y.data_ptr() == h.data_ptr()
+    assert [t.data_ptr() for t in saved if t.numel() == x.numel()] == [y.data_ptr()]
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, torch.sigmoid(2.0 * x.detach()), rtol=1e-6, atol=2e-7)
+    xb = torch.randn(10).to(torch.bfloat16)
+    xb_copy = xb.clone()
+    yb = centered_softplus(xb, 2.0, inplace=True)  # computed in float32: a new bfloat16 tensor
+    assert torch.equal(xb, xb_copy) and yb.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- API
