@@ -341,13 +341,14 @@ def _plain_conv_voids(call: Call) -> str | None:
     m = call.module
     if m is None or getattr(m, "transposed", False):
         return "transposed convolution: not analysed" if m is not None else None
-    if type(m).forward in _PLAIN_CONV_FORWARDS or _dynamic_same(m):
+    if type(m).forward in _PLAIN_CONV_FORWARDS or dynamic_same_padding(m):
         return None
     return "conv subclass with its own forward: not the plain convolution operator"
 
 
-def _dynamic_same(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv2dSame" or bool(getattr(m, "same_pad", False))
+def dynamic_same_padding(m: nn.Module) -> bool:
+    """timm's Conv2dSame (also once parametrized: a subclass) pads the input to TF "same" in its forward."""
+    return any(c.__name__ == "Conv2dSame" for c in type(m).__mro__) or bool(getattr(m, "same_pad", False))
 
 
 def _bn_voids(call: Call) -> str | None:
@@ -408,6 +409,15 @@ def _timm(*names: str) -> tuple[type, ...]:
     except Exception:  # noqa: BLE001 - timm is optional
         return ()
     return tuple(getattr(tl, n) for n in names if hasattr(tl, n))
+
+
+def _timm_me(*names: str) -> tuple[type, ...]:
+    """timm's memory-efficient activation variants (same functions, custom autograd)."""
+    try:
+        import timm.layers.activations_me as me
+    except Exception:  # noqa: BLE001 - timm is optional
+        return ()
+    return tuple(getattr(me, n) for n in names if hasattr(me, n))
 
 
 def _torchvision(*names: str) -> tuple[type, ...]:
@@ -490,15 +500,15 @@ def _builtin_specs() -> list[OpSpec]:
         _act("Tensor.relu", R, _kink(1.0), methods=("relu",), convert="activation"),
         _act("Tensor.relu_", R, _kink(1.0), methods=("relu_",), inplace=ALW, convert="activation"),
         # ---------------------------------------------------------------- other activations: policy
-        _act("nn.SiLU", S, SILU, modules=(nn.SiLU,) + _timm("Swish", "SiLU"), inplace=A, convert="activation"),
+        _act("nn.SiLU", S, SILU, modules=(nn.SiLU,) + _timm("Swish", "SiLU") + _timm_me("SwishMe"), inplace=A, convert="activation"),
         _act("nn.GELU", S, lambda c: GELU, modules=(nn.GELU,) + _timm("GELU", "GELUTanh"), convert="activation"),
-        _act("nn.Hardswish", S, _kink(1.5, hswish_kink), modules=(nn.Hardswish,) + _timm("HardSwish"),
+        _act("nn.Hardswish", S, _kink(1.5, hswish_kink), modules=(nn.Hardswish,) + _timm("HardSwish") + _timm_me("HardSwishMe"),
              inplace=A, convert="activation"),
-        _act("nn.Mish", S, MISH, modules=(nn.Mish,) + _timm("Mish"), inplace=A, convert="activation"),
+        _act("nn.Mish", S, MISH, modules=(nn.Mish,) + _timm("Mish") + _timm_me("MishMe"), inplace=A, convert="activation"),
         _act("nn.SELU", S, selu, modules=(nn.SELU,), inplace=A, convert="activation"),
         _act("nn.CELU", S, celu, modules=(nn.CELU,), inplace=A, convert="activation"),
         _act("nn.ELU", S, elu, modules=(nn.ELU,), inplace=A, convert="activation"),
-        _act("timm.HardMish", S, _kink(1.5, "kinks at -2 and 0: curvature unbounded"), modules=_timm("HardMish"),
+        _act("timm.HardMish", S, _kink(1.5, "kinks at -2 and 0: curvature unbounded"), modules=_timm("HardMish") + _timm_me("HardMishMe"),
              inplace=A, convert="activation"),
         _act("F.silu", S, SILU, functions=(F.silu,), params=("input", "inplace"), inplace=ARG, inplace_index=1,
              convert="activation"),
@@ -523,7 +533,7 @@ def _builtin_specs() -> list[OpSpec]:
         _act("nn.Identity", Family.STRUCTURAL, IDENTITY, modules=(nn.Identity,)),
         _act("nn.Sigmoid", G, SIGMOID, modules=(nn.Sigmoid,) + _timm("Sigmoid")),
         _act("nn.Tanh", G, TANH, modules=(nn.Tanh,) + _timm("Tanh")),
-        _act("nn.Hardsigmoid", G, hsig, modules=(nn.Hardsigmoid,) + _timm("HardSigmoid"), inplace=A),
+        _act("nn.Hardsigmoid", G, hsig, modules=(nn.Hardsigmoid,) + _timm("HardSigmoid") + _timm_me("HardSigmoidMe"), inplace=A),
         _act("nn.Softsign", G, Constants(1.0, 2.0, 2.0), modules=(nn.Softsign,)),
         _act("nn.LogSigmoid", G, Constants(1.0, 0.25, 1.0), modules=(nn.LogSigmoid,)),
         _act("nn.Tanhshrink", G, Constants(1.0, _TANH_C), modules=(nn.Tanhshrink,)),
@@ -895,10 +905,13 @@ def verdict(node: fx.Node, modules: dict[str, nn.Module], *, dependent: Callable
 
 def is_inplace(node: fx.Node, modules: dict[str, nn.Module], spec: OpSpec | None = None) -> bool:
     """Whether the call mutates its first argument (later readers of it must read the new value)."""
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
+        return True     # x.relu_(), x.add_(y), x.clamp_(...): torch's naming convention
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return True     # x += y on tensors
     spec = spec if spec is not None else lookup(node, modules)
     if spec is None:
-        return node.op == "call_method" and str(node.target).endswith("_") and \
-            not str(node.target).startswith("__")
+        return False
     if spec.inplace is Inplace.ALWAYS:
         return True
     if spec.inplace is Inplace.ATTRIBUTE and node.op == "call_module":
@@ -909,6 +922,9 @@ def is_inplace(node: fx.Node, modules: dict[str, nn.Module], spec: OpSpec | None
         i = spec.inplace_index
         return i is not None and len(node.args) > i and node.args[i] is True
     return False
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def inplace_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from lcnnify import bound, lcnnify
 from lcnnify.bounds import Bound, activation_constants, conv_norm_bound
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm, find_conv_spectral_norm
-from lcnnify.nn.spectral_norm import _conv_geometry
+from lcnnify.nn import ConvGeometry
 
 DT = torch.float64
 
@@ -453,7 +453,7 @@ def test_conv_norm_bound_is_an_upper_bound_and_dense_is_exact(cin, cout_mult, gr
     conv = nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False, padding_mode=mode).to(DT)
     shape = (cin, size, size)
     exact = _dense_conv_norm(conv, shape)
-    geo = _conv_geometry(conv)
+    geo = ConvGeometry.from_conv(conv)
     fft, _ = conv_norm_bound(conv.weight, geo, shape, method="fft")
     dense, _ = conv_norm_bound(conv.weight, geo, shape, method="dense")
     auto, _ = conv_norm_bound(conv.weight, geo, shape)
@@ -475,7 +475,7 @@ def test_fft_bound_holds_for_single_channel_small_maps(seed):
     conv = nn.Conv2d(1, 1, k, stride, pad, bias=False).to(DT)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=DT))
-    fft, _ = conv_norm_bound(conv.weight, _conv_geometry(conv), (1, n, n), method="fft")
+    fft, _ = conv_norm_bound(conv.weight, ConvGeometry.from_conv(conv), (1, n, n), method="fft")
     assert fft >= _dense_conv_norm(conv, (1, n, n)) * (1 - 1e-9)
 
 
@@ -484,7 +484,7 @@ def test_fft_bound_is_tight_on_larger_maps_and_used_for_them():
     conv = nn.Conv2d(3, 3, 3, padding=1, bias=False).to(DT)
     shape = (3, 14, 14)
     exact = _dense_conv_norm(conv, shape)
-    fft, how = conv_norm_bound(conv.weight, _conv_geometry(conv), shape, dense_limit=0, rtol=0.05)
+    fft, how = conv_norm_bound(conv.weight, ConvGeometry.from_conv(conv), shape, dense_limit=0, rtol=0.05)
     assert "circulant" in how
     assert exact <= fft <= exact * 1.02
 
@@ -649,3 +649,137 @@ def test_timm_resnet18_bound_dominates_measured_jacobian():
     for _ in range(2):
         J = _jacobian(model, torch.randn(1, 3, 32, 32))
         assert float(torch.linalg.matrix_norm(J, 2)) <= b.lipschitz
+
+
+# ==========================================================================================================
+# keyword operands and alpha (the bound reads arguments wherever they are passed)
+
+
+class _KwAdd(nn.Module):
+    """out = head(h + alpha * y) with h = W1 x, y = W2 x (no nonlinearity: the Jacobian is constant)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w1 = nn.Linear(4, 4, bias=False)
+        self.w2 = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():       # W1 = W2 = I: ||J|| = 1 + |alpha| exactly
+            self.w1.weight.copy_(torch.eye(4))
+            self.w2.weight.copy_(torch.eye(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, y = self.w1(x), self.w2(x)
+        if self.how == "other_kw_alpha":
+            return torch.add(h, other=y, alpha=3)
+        if self.how == "all_kw":
+            return torch.add(input=h, other=y)
+        if self.how == "method_alpha":
+            return h.sub(y, alpha=-2.5)
+        return torch.sub(h, 2 * y, alpha=-0.5)
+
+
+@pytest.mark.parametrize("how, norm", [("other_kw_alpha", 4.0), ("all_kw", 2.0), ("method_alpha", 3.5),
+                                       ("positional_sub", 2.0)])
+def test_keyword_operands_and_alpha_are_in_the_bound(how, norm):
+    model = torch.fx.symbolic_trace(_KwAdd(how).to(DT))
+    b = bound(model, (4,))
+    x = torch.randn(1, 4, dtype=DT)
+    J = torch.func.jacrev(model)(x).reshape(4, 4)
+    measured = float(torch.linalg.matrix_norm(J, 2))
+    assert measured == pytest.approx(norm, rel=1e-12)
+    assert b.certified
+    assert measured <= b.lipschitz <= measured * (1 + 1e-6)       # attained: the bound is tight here
+
+
+def test_keyword_operands_with_random_weights_and_curvature_are_bounded():
+    torch.manual_seed(3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(3, 5), nn.Linear(5, 2)
+            self.act = CenteredSoftplus(beta=4.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.add(input=self.act(self.a(x)), other=self.b(x), alpha=-2.0))
+
+    from lcnnify.convert.trace import LCNNTracer
+
+    net = Net().to(DT).eval()
+    model = torch.fx.GraphModule(net, LCNNTracer().trace(net))
+    b = bound(model, (3,))
+    assert b.certified
+    _check(b, _measure(model, (3,)))
+
+
+# ==========================================================================================================
+# short-circuit, progress, output
+
+
+def test_a_voided_model_returns_at_once_without_operator_norms(monkeypatch):
+    """max-pool voids the bound: no conv norm is computed (they are the slow part) and the node is named."""
+    import lcnnify.bounds.propagate as P
+
+    calls: list[int] = []
+    real = P.conv_norm_bound
+    monkeypatch.setattr(P, "conv_norm_bound", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 2))
+    model = lcnnify(net, example_inputs=torch.randn(1, 1, 8, 8))
+    b = bound(model, (1, 8, 8))
+    assert b.short_circuited and not b.certified and math.isinf(b.loss_hessian)
+    assert any("[2: MaxPool2d]" in r and "max-pool" in r for r in b.reasons)
+    assert "no finite curvature bound" in str(b).splitlines()[0]
+    assert calls == []
+    full = bound(model, (1, 8, 8), full=True)
+    assert calls and math.isfinite(full.lipschitz) and not full.short_circuited
+    with pytest.raises(Exception, match="input_shape"):     # the shape is still checked
+        bound(model, (1, 7))
+
+
+def test_str_leads_with_the_answer_and_says_what_each_number_bounds():
+    torch.manual_seed(0)
+    model = lcnnify(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.randn(2, 5))
+    b = bound(model, (5,))
+    lines = str(b).splitlines()
+    assert lines[0].startswith("sup_x ||Hess_x loss||_2 <= ") and "(certified" in lines[0]
+    assert f"{b.loss_hessian:.6g}" in lines[0]
+    text = str(b)
+    for what in ("Lipschitz constant of the logits", "Hessian tensor of the logits", "0.5 L^2 + sqrt(2) K",
+                 "Theorem 1", "not a bound"):
+        assert what in text
+    conv = lcnnify(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
+                   example_inputs=torch.randn(1, 1, 4, 4))
+    est = bound(conv, (1, 4, 4), certify=False)
+    assert "(estimated" in str(est).splitlines()[0]
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(capsys):
+    model = lcnnify(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.randn(2, 5))
+    bound(model, (5,))
+    assert capsys.readouterr().err == ""                    # not a terminal: no bar
+    bound(model, (5,), progress=True)
+    captured = capsys.readouterr()
+    assert "lcnnify.bound" in captured.err and captured.out == ""
+
+
+def test_bound_writes_node_meta():
+    model = lcnnify(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.randn(2, 5))
+    b = bound(model, (5,))
+    metas = {n.name: n.meta.get("lcnnify_bound") for n in model.graph.nodes if "lcnnify_bound" in n.meta}
+    assert metas == b.per_node and len(metas) >= 4
+
+
+def test_timm_conv2d_same_is_bounded_with_its_dynamic_padding():
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    net = nn.Sequential(timm_layers.Conv2dSame(2, 3, 4, stride=2), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    model = lcnnify(net, example_inputs=torch.randn(1, 2, 7, 7)).to(DT).eval()
+    conv = model.get_submodule("0")
+    b = bound(model, (2, 7, 7))
+    assert b.certified
+    # the exact operator norm of the conv as it runs (dense, through its own forward, bias removed)
+    E = torch.eye(98, dtype=DT).reshape(98, 2, 7, 7)
+    with torch.no_grad():
+        A = (conv(E) - conv(torch.zeros(1, 2, 7, 7, dtype=DT))).reshape(98, -1)
+    exact = float(torch.linalg.matrix_norm(A, 2))
+    assert b.per_node["_0"][0] == pytest.approx(exact, rel=1e-7)

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import MeasurementError
-from ..nn.spectral_norm import _conv_sn_pre_hook
+from ..nn.spectral_norm import find_conv_spectral_norm
 from .propagate import BoundInterpreter, Context, ForwardFailed, static_reasons
 from .result import Bound
 
@@ -21,8 +21,9 @@ _SQRT2 = math.sqrt(2.0)
 
 
 class _SNHooksOff:
-    """Temporarily detach the ConvSpectralNorm shape pre-hooks so that analysing a shape never re-initialises
-    a layer's power iteration (the analysis must not change the model)."""
+    """Temporarily detach the forward pre-hooks of spectrally normalized convs (the one that learns the input
+    shape and re-initialises the power iteration at a new shape, and any other), so that analysing a shape never
+    changes the model."""
 
     def __init__(self, model: nn.Module) -> None:
         self.saved: list[tuple[nn.Module, dict]] = []
@@ -30,11 +31,9 @@ class _SNHooksOff:
 
     def __enter__(self) -> "_SNHooksOff":
         for m in self.model.modules():
-            hooks = m._forward_pre_hooks
-            if any(h is _conv_sn_pre_hook for h in hooks.values()):
-                self.saved.append((m, hooks.copy()))
-                for k in [k for k, h in hooks.items() if h is _conv_sn_pre_hook]:
-                    del hooks[k]
+            if m._forward_pre_hooks and find_conv_spectral_norm(m) is not None:
+                self.saved.append((m, m._forward_pre_hooks.copy()))
+                m._forward_pre_hooks.clear()
         return self
 
     def __exit__(self, *exc: Any) -> None:

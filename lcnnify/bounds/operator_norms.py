@@ -21,13 +21,13 @@ on maps of 8x8 and more, and looser (tens of percent) on 2x2-4x4 maps.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.spectral_norm import _ConvOperator as ConvOperator
+from ..nn.conv_operator import ConvGeometry, ConvOperator
 
 __all__ = ["MARGIN", "conv_norm_bound", "conv_dense_norm", "conv_power_estimate", "matrix_norm",
            "matrix_power_estimate", "nonneg_linear_norm", "flat_tensors"]
@@ -55,18 +55,13 @@ def _svd_max(mats: Tensor, chunk_entries: int = 1 << 22) -> float:
     return out * (1.0 + min(r, c) * 1e-15)
 
 
-def _conv_pads(geometry: dict) -> list[tuple[int, int]]:
-    nd, rpad = geometry["ndim"], geometry["rpad"]
-    return [(int(rpad[2 * (nd - 1 - i)]), int(rpad[2 * (nd - 1 - i) + 1])) for i in range(nd)]
-
-
-def _conv_fft_bound(w: Tensor, geometry: dict, input_shape: Sequence[int], pads: Sequence[tuple[int, int]],
+def _conv_fft_bound(w: Tensor, geometry: ConvGeometry, input_shape: Sequence[int], pads: Sequence[tuple[int, int]],
                     chunk_entries: int = 1 << 22) -> float:
     """Certified upper bound of the norm of the ZERO-padded conv (pads per spatial dim) on ``input_shape``:
     trim the taps that never meet the input, polyphase-split the stride, embed in a circular conv on a grid of
     N = out + taps - 1 points per dimension (no wrap-around), max over the DFT frequencies of ||K_hat||_2."""
-    nd = geometry["ndim"]
-    stride, dil, groups = geometry["stride"], geometry["dilation"], geometry["groups"]
+    nd = geometry.ndim
+    stride, dil, groups = geometry.stride, geometry.dilation, geometry.groups
     co, cig = w.shape[0], w.shape[1]
     spatial = list(input_shape[1:])
     ke = [dil[i] * (w.shape[2 + i] - 1) + 1 for i in range(nd)]
@@ -112,24 +107,13 @@ def _conv_fft_bound(w: Tensor, geometry: dict, input_shape: Sequence[int], pads:
     return best
 
 
-def _pad_norm(geometry: dict, input_shape: Sequence[int]) -> float:
+def _pad_norm(geometry: ConvGeometry, input_shape: Sequence[int]) -> float:
     """||F.pad(., mode)|| = sqrt(max number of copies of an input element) (exact: a 0/1 selection map)."""
     x = torch.ones((1, 1, *input_shape[1:]), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
-        y = F.pad(x, geometry["rpad"], mode=geometry["padding_mode"])
+        y = F.pad(x, geometry.rpad, mode=geometry.padding_mode)
         (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
     return math.sqrt(float(g.max()))
-
-
-def _adjoint(op: ConvOperator, w: Tensor, y: Tensor) -> Tensor:
-    """Exact batched adjoint of the conv operator: the transposed conv (zero padding), or the vector-Jacobian
-    product of the linear map (other padding modes)."""
-    if op.kind in (0, 1):
-        return op.adjoint(y, w)
-    with torch.enable_grad():
-        x = torch.zeros((y.shape[0], *op.input_shape), dtype=y.dtype, device=y.device, requires_grad=True)
-        (g,) = torch.autograd.grad(op.forward(x, w), x, grad_outputs=y)
-    return g
 
 
 def conv_dense_norm(op: ConvOperator, w: Tensor, chunk: int = 256) -> float:
@@ -142,9 +126,9 @@ def conv_dense_norm(op: ConvOperator, w: Tensor, chunk: int = 256) -> float:
         E = torch.zeros((m, n), dtype=torch.float64)
         E[torch.arange(m), torch.arange(i, i + m)] = 1.0
         if n_in <= n_out:
-            col = _adjoint(op, w, op.forward(E.view(m, *op.input_shape), w))
+            col = op.adjoint(op.forward(E.view(m, *op.input_shape), w), w)
         else:
-            col = op.forward(_adjoint(op, w, E.view(m, *op.output_shape)), w)
+            col = op.forward(op.adjoint(E.view(m, *op.output_shape), w), w)
         G[:, i:i + m] = col.reshape(m, n).T
     G = 0.5 * (G + G.T)
     lam = float(torch.linalg.eigvalsh(G)[-1])
@@ -168,11 +152,13 @@ def conv_power_estimate(op: ConvOperator, w: Tensor, v0: Tensor | None, iters: i
 
 
 @torch.no_grad()
-def conv_norm_bound(weight: Tensor, geometry: dict, input_shape: Sequence[int], *, certify: bool = True,
+def conv_norm_bound(weight: Tensor, geometry: ConvGeometry | Mapping[str, Any], input_shape: Sequence[int], *,
+                    certify: bool = True,
                     dense_limit: int = 1024, rtol: float = 1e-2, power_iterations: int = 30,
                     v0: Tensor | None = None, method: str = "auto") -> tuple[float, str]:
-    """Operator norm of the convolution (no bias) with ``weight`` and ``geometry`` (as
-    ``lcnnify.nn.spectral_norm._conv_geometry``) on inputs of shape ``input_shape = (C, *spatial)``.
+    """Operator norm of the convolution (no bias) with ``weight`` and ``geometry`` (a
+    :class:`~lcnnify.nn.ConvGeometry`, e.g. ``ConvGeometry.from_conv(conv)``; dynamic "same" padding is resolved
+    for the input) on inputs of shape ``input_shape = (C, *spatial)``.
 
     Returns ``(value, how)``. ``certify=False``: the power-iteration estimate (from below). Otherwise an upper
     bound: ``method="dense"`` exact (Gram eigenvalue), ``"fft"`` the circulant-embedding bound, ``"auto"``:
@@ -180,6 +166,7 @@ def conv_norm_bound(weight: Tensor, geometry: dict, input_shape: Sequence[int], 
     min(in, out) <= ``dense_limit``, else the FFT bound (``how`` then says how loose it may be).
     """
     w = weight.detach().to(torch.float64).cpu()
+    geometry = ConvGeometry.coerce(geometry).resolved(tuple(int(s) for s in input_shape[1:]))
     op = ConvOperator(geometry, tuple(int(s) for s in input_shape))
     if not certify:
         return conv_power_estimate(op, w, v0, power_iterations), "power iteration (estimate from below)"
@@ -188,10 +175,10 @@ def conv_norm_bound(weight: Tensor, geometry: dict, input_shape: Sequence[int], 
         return conv_dense_norm(op, w), "exact (dense Gram)"
 
     def fft() -> float:
-        if geometry["padding_mode"] == "zeros":
-            return _conv_fft_bound(w, geometry, op.input_shape, _conv_pads(geometry))
-        padded = [s + l + r for s, (l, r) in zip(op.input_shape[1:], _conv_pads(geometry))]
-        valid = _conv_fft_bound(w, geometry, (op.input_shape[0], *padded), [(0, 0)] * geometry["ndim"])
+        if geometry.padding_mode == "zeros":
+            return _conv_fft_bound(w, geometry, op.input_shape, geometry.pads)
+        padded = [s + l + r for s, (l, r) in zip(op.input_shape[1:], geometry.pads)]
+        valid = _conv_fft_bound(w, geometry, (op.input_shape[0], *padded), [(0, 0)] * geometry.ndim)
         return _pad_norm(geometry, op.input_shape) * valid
 
     if method == "fft":

@@ -33,6 +33,7 @@ one that cannot be traced voids the bound.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn.lipschitz_batchnorm import LipschitzBatchNorm
-from ..nn.spectral_norm import _conv_geometry, _tf_same_rpad, find_conv_spectral_norm
+from ..nn.conv_operator import ConvGeometry
+from ..nn.spectral_norm import find_conv_spectral_norm
 from .operator_norms import (MARGIN, conv_norm_bound, flat_tensors, matrix_norm, matrix_power_estimate,
                              nonneg_linear_norm)
 
@@ -407,15 +409,14 @@ class BoundInterpreter(fx.Interpreter):
             elif tuple(sn.input_shape) != shape:
                 self._void(node, f"sigma refers to input shape {tuple(sn.input_shape)} but the conv sees {shape}: "
                                  f"a forward at this shape re-normalizes it; the bound is for the current weight")
-        geometry = _conv_geometry(m)  # type: ignore[arg-type]
-        if geometry.get("dynamic_same"):   # TF "same" padding computed from the input size (timm Conv2dSame)
-            geometry = dict(geometry, rpad=_tf_same_rpad(shape[1:], geometry["kernel_size"], geometry["stride"],
-                                                         geometry["dilation"]))
+        geometry = ConvGeometry.from_conv(m)  # type: ignore[arg-type]
+        if ops.dynamic_same_padding(m) and not geometry.dynamic_same:   # (a parametrized Conv2dSame)
+            geometry = dataclasses.replace(geometry, dynamic_same=True)   # resolved for the input shape below
         v0 = sn.v if sn is not None and sn.v.numel() else None
         val = self._conv_norm(node, m.weight, geometry, shape, v0)  # type: ignore[union-attr]
         return self._apply(node, self.state[src], [(val, 0.0, 0.0)])
 
-    def _conv_norm(self, node: fx.Node, w: Tensor, geometry: dict, shape: tuple[int, ...],
+    def _conv_norm(self, node: fx.Node, w: Tensor, geometry: ConvGeometry, shape: tuple[int, ...],
                    v0: Tensor | None = None) -> float:
         if self.ctx.progress is not None:
             self.ctx.progress.set_postfix_str(f"{self.prefix}{node.name}: conv norm on {shape}", refresh=True)
@@ -432,26 +433,9 @@ class BoundInterpreter(fx.Interpreter):
         if not isinstance(w, Tensor) or not call.is_dependent("input", 0):
             raise _Void("convolution with an input-dependent or non-tensor weight")
         src = call.raw("input", 0)
-        nd = w.dim() - 2
-
-        def tup(v: Any) -> tuple[int, ...]:
-            return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
-        stride = tup(call.get("stride", 3, 1))
-        padding = call.get("padding", 4, 0)
-        dilation = tup(call.get("dilation", 5, 1))
-        groups = int(call.get("groups", 6, 1))
-        k = tuple(w.shape[2:])
-        if isinstance(padding, str):
-            pairs = ([(0, 0)] * nd if padding == "valid" else
-                     [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for d, kk in zip(dilation, k)])
-        else:
-            pairs = [(p, p) for p in tup(padding)]
-        rpad: list[int] = []
-        for lft, rgt in reversed(pairs):
-            rpad += [lft, rgt]
-        geometry = dict(ndim=nd, stride=stride, dilation=dilation, groups=groups, padding_mode="zeros",
-                        rpad=tuple(rpad), kernel_size=k, in_channels=int(w.shape[1]) * groups,
-                        out_channels=int(w.shape[0]))
+        geometry = ConvGeometry.from_weight(tuple(w.shape), stride=call.get("stride", 3, 1),
+                                            padding=call.get("padding", 4, 0), dilation=call.get("dilation", 5, 1),
+                                            groups=int(call.get("groups", 6, 1)))
         val = self._conv_norm(node, w, geometry, tuple(self.vals[src].shape[1:]))
         return self._apply(node, self.state[src], [(val, 0.0, 0.0)])
 

@@ -369,7 +369,7 @@ class Converter:
         """Report a module that stays as it is (not traced into, not converted) as the op registry sees it (the
         verdict the bound uses): what voids the guarantee -- also inside an unregistered module, which is
         traced and walked, or is opaque -- and kept bounded activations (gates)."""
-        if is_lcnn_layer(m) or id(m) in self._opaque_ids:
+        if id(m) in self._opaque_ids:
             return None
         voids = ops.module_voids(m, path)
         for p, op, why in voids:
