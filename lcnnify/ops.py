@@ -40,7 +40,7 @@ import math
 import operator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.fx as fx
@@ -1010,18 +1010,3 @@ def trace_module(m: nn.Module) -> fx.GraphModule | None:
 def leaf_types() -> tuple[type, ...]:
     """Module types the tracer must not trace into: every registered module type."""
     return _REGISTRY.leaves()
-
-
-def families() -> dict[str, Family]:
-    """name -> family of every entry (for docs and tests)."""
-    return {s.name: s.family for s in registry()}
-
-
-def _all_targets(specs: Sequence[OpSpec]) -> list[tuple[OpSpec, str, Any]]:
-    """(spec, kind, target) of every matcher, for tests (``kind``: module / function / method)."""
-    out: list[tuple[OpSpec, str, Any]] = []
-    for s in specs:
-        out += [(s, "module", t) for t in s.modules]
-        out += [(s, "function", f) for f in s.functions]
-        out += [(s, "method", m) for m in s.methods]
-    return out

@@ -148,8 +148,22 @@ class _Cat(nn.Module):
         return torch.cat([x, F.relu(self.bn(self.conv(x)))], 1)
 
 
+class _KwRes(nn.Module):
+    """x + alpha * branch(x) written with keyword operands: torch.add(input=x, other=..., alpha=...)."""
+
+    def __init__(self, c: int, alpha: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(input=x, other=self.relu(self.conv(x)), alpha=self.alpha)
+
+
 class RandNet(nn.Module):
-    """conv/BN/ReLU stacks, residual adds, concatenations, avg-pools, a linear head (all static structure)."""
+    """conv/BN/ReLU stacks, residual adds (also with keyword operands and alpha), concatenations, avg-pools, a
+    linear head (all static structure)."""
 
     def __init__(self, spec: list[tuple[str, int, int, int]], in_ch: int, size: int, head: str,
                  classes: int = 3) -> None:
@@ -162,6 +176,8 @@ class RandNet(nn.Module):
                 c, s = width, (s + 2 * (k // 2) - k) // stride + 1
             elif kind == "res":
                 blocks.append(_Res(c, k, "reflect" if width % 2 and s > 1 else "zeros"))
+            elif kind == "kwres":
+                blocks.append(_KwRes(c, 1.5 - width))
             elif kind == "cat":
                 blocks.append(_Cat(c, width, k))
                 c = c + width
@@ -205,7 +221,7 @@ def _perturb(model: nn.Module, g: torch.Generator, steps: int, shape: tuple[int,
     model.eval()
 
 
-_block = st.tuples(st.sampled_from(["plain", "res", "cat", "pool"]), st.integers(1, 3), st.sampled_from([1, 3]),
+_block = st.tuples(st.sampled_from(["plain", "res", "kwres", "cat", "pool"]), st.integers(1, 3), st.sampled_from([1, 3]),
                    st.integers(1, 2))
 
 
