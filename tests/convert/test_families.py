@@ -15,9 +15,9 @@ import lcnnify as lcnnify_pkg
 from lcnnify import lcnnify
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm, find_conv_spectral_norm
 from lcnnify.testing.models import TinyCNN
-from lcnnify.testing.zoo import (FAMILY_REPRESENTATIVES, TIMM_NOT_CNN, TORCHVISION_NOT_CNN, _create_meta, _count,
-                                 check_model, execution_problems, operator_norms, select_representatives,
-                                 timm_families, token_mixing_ops, torchvision_families)
+from lcnnify.testing.zoo import (FAMILY_REPRESENTATIVES, TIMM_NOT_CNN, TORCHVISION_NOT_CNN, _count, _create_meta,
+                                 below_sigma_floor, check_model, execution_problems, operator_norms,
+                                 select_representatives, timm_families, token_mixing_ops, torchvision_families)
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -236,3 +236,17 @@ def test_check_model_catches_operator_norms_off_one(monkeypatch):
 def test_family_representative_keeps_the_lcnn_contract(rep):
     res = check_model(rep.spec, size=rep.size, family=rep.family)
     assert res.ok, f"{rep.spec} ({res.status}): {res.reason}"
+
+
+def test_sigma_floor_is_recognised_from_the_weights_alone():
+    lc, x = _converted_tiny()
+    path = next(n for n, m in lc.named_modules() if find_conv_spectral_norm(m) is not None)
+    conv = lc.get_submodule(path)
+    if not hasattr(find_conv_spectral_norm(conv), "min_sigma"):
+        pytest.skip("this spectral normalization has no floor")
+    assert not below_sigma_floor(conv)
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(1e-9)  # operator norm far below any floor
+    lc(x)  # eval: converges for the new weight
+    assert below_sigma_floor(conv)
+    assert operator_norms(lc)[path] < 1e-3
