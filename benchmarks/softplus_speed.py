@@ -12,9 +12,13 @@ reported, and ratios to ReLU are ratios of medians.
 The previous formula (kept here only as the comparison baseline) computed
 ``relu(x) + log1p(expm1(-beta |x|) / 2) / beta`` and saved the input x for backward.
 
+With ``--fused``, also the optional compiled kernels (``lcnnify.nn.fused_softplus``; scalar beta only, the
+per-channel rows then show the eager path again), in their own interleaved column ``fused``; the compile
+time (cold, or from inductor's on-disk cache) is reported separately.
+
 Times are process CPU time with one intra-op thread by default (robust on a shared machine).
 
-Usage: ``python benchmarks/softplus_speed.py [--repeats 15 --threads 1]``.
+Usage: ``python benchmarks/softplus_speed.py [--repeats 15 --threads 1 --fused]``.
 Writes ``benchmarks/softplus_speed.json``.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, table, write_json  # noqa: E402
 from lcnnify.nn import CenteredSoftplus  # noqa: E402
+from lcnnify.nn import fused_softplus  # noqa: E402
 
 SHAPE = (64, 64, 32, 32)
 
@@ -104,6 +109,16 @@ def interleaved_cpu(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[
     return times
 
 
+def _with_fused(run):
+    def fused_run():
+        fused_softplus.enable_fused_kernels(warm_up=False)  # compiled already: inductor's cache
+        try:
+            run()
+        finally:
+            fused_softplus.disable_fused_kernels()
+    return fused_run
+
+
 def _stats(ts: list[float], n: int) -> dict:
     ns = sorted(t / n * 1e9 for t in ts)
     q = statistics.quantiles(ns, n=4)
@@ -114,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (CPU time is per process)")
+    ap.add_argument("--fused", action="store_true", help="also time the compiled (torch.compile) kernels")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,18 +139,30 @@ def main() -> None:
     n = x.numel()
     relu = torch.nn.ReLU()
     results: dict[str, dict] = {}
+    compile_s = None
+    if args.fused:
+        t0 = time.perf_counter()
+        ok = fused_softplus.enable_fused_kernels()
+        compile_s = time.perf_counter() - t0 if ok else None
+        fused_softplus.disable_fused_kernels()
+        args.fused = ok
     rows = []
     for label, channels in (("scalar beta", None), ("per-channel beta", SHAPE[1])):
         acts = {"relu": relu, "new": CenteredSoftplus(5.0, num_channels=channels),
                 "previous": PreviousCenteredSoftplus(5.0, num_channels=channels)}
         for phase, make in (("forward", lambda a: _fwd(a, x)), ("fwd+bwd", lambda a: _fwd_bwd(a, x, g))):
-            times = interleaved_cpu({k: make(a) for k, a in acts.items()}, repeats=args.repeats)
+            fns = {k: make(a) for k, a in acts.items()}
+            if args.fused:
+                fns["fused"] = _with_fused(make(CenteredSoftplus(5.0, num_channels=channels)))
+            times = interleaved_cpu(fns, repeats=args.repeats)
             st = {k: _stats(v, n) for k, v in times.items()}
             relu_med = st["relu"]["median_ns_per_element"]
             for k, s in st.items():
                 s["ratio_to_relu"] = s["median_ns_per_element"] / relu_med
-            st["new"]["speedup_vs_previous"] = (st["previous"]["median_ns_per_element"]
-                                               / st["new"]["median_ns_per_element"])
+            for k in ("new", "fused"):
+                if k in st:
+                    st[k]["speedup_vs_previous"] = (st["previous"]["median_ns_per_element"]
+                                                    / st[k]["median_ns_per_element"])
             results[f"{label} / {phase}"] = st
             for k, s in st.items():
                 rows.append([label, phase, k, s["median_ns_per_element"], f"{s['q25']:.3g}-{s['q75']:.3g}",
@@ -142,8 +170,11 @@ def main() -> None:
     print(f"shape {SHAPE}, float32, {torch.get_num_threads()} threads, process CPU time, "
           f"{args.repeats} interleaved repeats")
     print(table(["beta", "phase", "activation", "median ns/elem", "25-75%", "x relu"], rows))
+    if compile_s is not None:
+        print(f"fused kernels: compile + warm-up {compile_s:.1f} s (wall)")
     write_json(args.out, {"machine": machine(), "shape": list(SHAPE), "dtype": "float32",
-                          "repeats": args.repeats, "clock": "process CPU time", "results": results})
+                          "repeats": args.repeats, "clock": "process CPU time", "fused_compile_seconds": compile_s,
+                          "results": results})
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ def _forward_value(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
     return out.addcmul_(r, w, value=-1.0)
 
 
+def _forward_graph(x: Tensor, beta: Tensor) -> Tensor:
+    """:func:`_forward_value` as out-of-place ops (same operations; the form a compiler fuses)."""
+    c = _CONSTS[x.dtype]
+    w = torch.tanh(x.abs() * (beta * 0.5))
+    u = w.clamp(min=c.w_min) + 1.0
+    return torch.relu(x) - w * (torch.log(u) / (u - 1.0) / beta)
+
+
 class _Chunks:
     """Views of x-shaped tensors in pieces of about ``_CHUNK_PER_THREAD * threads`` elements (CPU only).
 
@@ -113,6 +121,11 @@ class _Chunks:
 
 
 _CHUNK_PER_THREAD = 1 << 16
+
+# Optional compiled kernels (set by lcnnify.nn.fused_softplus.enable_fused_kernels): an object with
+# forward(x, beta) -> y | None and backward(y, beta, grad, need_x, need_b) -> (gx, gb) | None; None = not
+# applicable here, use the eager path. Never used for double backward.
+_FUSED = None
 
 
 def _slope_terms(y: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,6 +184,10 @@ class _CenteredSoftplusFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, beta: Tensor, inplace: bool = False) -> Tensor:  # type: ignore[override]
+        if _FUSED is not None:
+            y = _FUSED.forward(x, beta)
+            if y is not None:
+                return x.copy_(y) if inplace else y
         out = x if inplace else torch.empty_like(x)
         ch = _Chunks(x, beta)
         for k in range(len(ch)):
@@ -192,10 +209,14 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: differentiable ops
             z, e = _slope_terms(y, beta)
             if need_x:
-                gx = grad - grad * e * 0.5
+                gx = grad * (1.0 - 0.5 * e)
             if need_b:
                 gb = (grad * _q2_graph(z, e)).sum_to_size(beta.shape) / (2.0 * beta * beta)
             return gx, gb, None
+        if _FUSED is not None:
+            res = _FUSED.backward(y, beta, grad, need_x, need_b)
+            if res is not None:
+                return res[0], res[1], None
         c = _CONSTS[y.dtype]
         ch = _Chunks(y, beta)
         if ch.flat and not grad.is_contiguous():
