@@ -8,26 +8,34 @@ from __future__ import annotations
 from typing import Any
 
 from .config import LCNNConfig
-from .convert import ConversionReport, lcnnify, validate
-from .errors import ConversionError, LCNNError, LCNNWarning
+from .convert import ConversionReport, lcnnify, load_plain_state_dict, validate
+from .errors import (ConversionError, ConversionWarning, DatasetNotFoundError, LCNNError, LCNNWarning,
+                     MeasurementError, ShapeChangeWarning)
+from .export import freeze
 from .penalty import curvature_penalty, param_groups
 
 __version__ = "0.1.0"
 
-
-def bound(model: Any, input_shape: Any, **kwargs: Any) -> Any:
-    """The data-free curvature bound of a converted model (see :mod:`lcnnify.bounds`)."""
-    from .bounds import bound as _bound
-
-    return _bound(model, input_shape, **kwargs)
+_LAZY = {"bound": ("bounds", "bound")}  # imported on first use (the bound pulls in its whole propagation)
 
 
-def freeze(model: Any, **kwargs: Any) -> Any:
-    """Bake a converted model into plain torch layers for deployment (see :mod:`lcnnify.export`)."""
-    from .export import freeze as _freeze
+def __getattr__(name: str) -> Any:
+    """``lcnnify.bound`` is :func:`lcnnify.bounds.bound` itself (same signature and docstring), imported lazily."""
+    if name in _LAZY:
+        import importlib
 
-    return _freeze(model, **kwargs)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lcnnify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["lcnnify", "LCNNConfig", "curvature_penalty", "param_groups", "validate", "bound", "freeze",
-           "ConversionReport", "LCNNError", "ConversionError", "LCNNWarning", "__version__"]
+           "load_plain_state_dict", "ConversionReport",
+           "LCNNError", "ConversionError", "MeasurementError", "DatasetNotFoundError",
+           "LCNNWarning", "ConversionWarning", "ShapeChangeWarning", "__version__"]

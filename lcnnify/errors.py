@@ -1,6 +1,7 @@
-"""Exceptions and warning categories of lcnnify (DESIGN §6).
+"""Exceptions and warning categories of lcnnify.
 
-Every error names the module path / graph node, the op, and the fix.
+Every error names the module path / graph node, the op, and the fix. All errors derive from
+:class:`LCNNError`; those about bad arguments are also ``ValueError`` (``except ValueError`` keeps working).
 """
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ class LCNNError(Exception):
     """Base class of every error raised by lcnnify."""
 
 
-class ConversionError(LCNNError):
-    """A model (or one of its modules / graph nodes) cannot be converted."""
+class ConversionError(LCNNError, ValueError):
+    """A model (or one of its modules / graph nodes) cannot be converted, or the conversion's options are bad."""
 
 
 class MeasurementError(LCNNError, ValueError):
     """Bad input to a measurement (wrong shape, labels out of range, NaN input, eps < 0...)."""
+
+
+class SerializationError(LCNNError, TypeError):
+    """A converted model cannot be serialized this way (the message names the way that works)."""
 
 
 class LCNNWarning(UserWarning):

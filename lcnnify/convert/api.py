@@ -1,21 +1,20 @@
-"""`lcnnify()` and `validate()`: the public entry points of the conversion (DESIGN §3)."""
+"""`lcnnify()` and `validate()`: the public entry points of the conversion."""
 from __future__ import annotations
 
 import copy
-import types
+import warnings
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
+from .._utils import modes_preserved
 from ..config import LCNNConfig
-from ..errors import ConversionError
+from ..errors import ConversionError, ConversionWarning
 from ..nn import is_lcnn_layer
+from .model import LCNNGraphModule, attach
 from .report import ConversionReport
 from .rewrite import Converter
-
-_PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
@@ -79,7 +78,8 @@ def lcnnify(model: nn.Module, config: LCNNConfig | None = None, *, example_input
     inputs = _as_tuple(example_inputs)
     work = model if inplace else _copy(model)
     report = ConversionReport(model=type(model).__name__)
-    converted = Converter(cfg, report, inputs).convert(work, "")
+    converter = Converter(cfg, report, inputs, root_cls=LCNNGraphModule)
+    converted = converter.convert(work, "")
     if not report.converted:
         why = "; ".join(f"'{f.path or '<root>'}': {f.reason}" for f in report.fallbacks)
         raise ConversionError(
@@ -87,39 +87,59 @@ def lcnnify(model: nn.Module, config: LCNNConfig | None = None, *, example_input
             "BatchNorm call site was found" + (f" (could not trace: {why})" if why else "") +
             ". Fix: lcnnify converts CNN classifiers built from torch.nn layers; check the model and the "
             "config (skip / convert_types / smooth_activations).")
-    _attach(converted, cfg, report)
+    attach(converted, cfg, report)
     if inputs is not None:
         warm_up(converted, inputs)
+    if cfg.preserve_function:  # BN statistics, biases, gamma and beta absorb the spectral norms' scales
+        from .preserve import preserve_function
+
+        preserve_function(converted, inputs, report)
+    _warn_unmatched_skips(converter, model)
+    if not report.certified:
+        warnings.warn(f"lcnnify({type(model).__name__}): {report.voiding_summary()}", ConversionWarning,
+                      stacklevel=2)
     return converted
 
 
-def validate(model: nn.Module, example_inputs: Any = None, config: LCNNConfig | None = None,
+def validate(model: nn.Module, config: LCNNConfig | None = None, *, example_inputs: Any = None,
              **overrides: Any) -> ConversionReport:
     """The dry run: the :class:`ConversionReport` of converting ``model``, without converting it.
 
-    Nothing of ``model`` is changed (the analysis runs on a copy, with no spectral-norm warm-up).
+    Same arguments as :func:`lcnnify` (``config``, ``example_inputs``, keyword overrides such as
+    ``smooth_activations="keep"``). Nothing of ``model`` is changed (the analysis runs on a copy, with no
+    spectral-norm warm-up). Skip patterns that match nothing give a :class:`ConversionWarning`; whether the
+    guarantee holds is ``report.certified`` (``report.voiding_summary()`` says why not and how to fix it).
     """
     _check_model(model)
     cfg = _resolve_config(config, overrides)
     report = ConversionReport(model=type(model).__name__)
-    Converter(cfg, report, _as_tuple(example_inputs), dry_run=True).convert(_copy(model), "")
+    converter = Converter(cfg, report, _as_tuple(example_inputs), dry_run=True)
+    converter.convert(_copy(model), "")
+    _warn_unmatched_skips(converter, model)
     return report
 
 
+def _warn_unmatched_skips(converter: Converter, model: nn.Module) -> None:
+    for pattern, close in converter.unmatched_skips(model):
+        hint = f" Closest module paths: {', '.join(repr(c) for c in close)}." if close else ""
+        warnings.warn(
+            f"skip pattern {pattern!r} matched no call site of {type(model).__name__}, so it skipped nothing."
+            f"{hint} Fix: use the module path as model.named_modules() spells it (an activation, conv, linear or "
+            "BatchNorm call site), or 're:<regex>' matching whole paths.", ConversionWarning, stacklevel=3)
+
+
 def warm_up(model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """One eval-mode forward under no_grad: every conv's power iteration warms up at the shape it sees."""
-    was = model.training
-    model.eval()
+    """One eval-mode forward under no_grad: every conv's power iteration warms up at the shape it sees.
+
+    Every submodule's own train/eval flag is restored afterwards."""
     try:
-        with torch.no_grad():
+        with modes_preserved(model, training=False), torch.no_grad():
             model(*inputs)
     except Exception as e:
         raise ConversionError(
             f"the converted model failed on example_inputs of shape(s) "
             f"{[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]}: {type(e).__name__}: {e}. "
             "Fix: pass inputs the original model accepts.") from e
-    finally:
-        model.train(was)
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -129,22 +149,6 @@ def _copy(model: nn.Module) -> nn.Module:
         raise ConversionError(
             f"cannot deep-copy {type(model).__name__} ({type(e).__name__}: {e}); lcnnify() never mutates the "
             "user's model, so it converts a copy. Fix: pass inplace=True to convert this model in place.") from e
-
-
-def _penalty_method(self: nn.Module, lambda_beta: float | None = None,
-                    lambda_gamma: float | None = None) -> torch.Tensor:
-    from ..penalty import curvature_penalty
-
-    return curvature_penalty(self, lambda_beta, lambda_gamma)
-
-
-def _attach(model: nn.Module, cfg: LCNNConfig, report: ConversionReport) -> None:
-    attrs = {"lcnn_config": cfg, "lcnn_report": report,
-             "curvature_penalty": types.MethodType(_penalty_method, model)}
-    for k, v in attrs.items():
-        object.__setattr__(model, k, v)
-    if isinstance(model, fx.GraphModule):  # survive GraphModule.__deepcopy__ (EMA copies, etc.)
-        model.meta.setdefault(_PRESERVED, {}).update(attrs)
 
 
 def is_converted(model: nn.Module) -> bool:

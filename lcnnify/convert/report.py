@@ -1,10 +1,40 @@
-"""`ConversionReport`: what was converted to what, what was left and why, what voids the guarantee (DESIGN §3)."""
+"""`ConversionReport`: what was converted to what, what was left and why, what voids the guarantee, and how to
+fix the common voiders."""
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+#: How to fix common ops that void the guarantee: (words to look for in the op or reason, the fix). First match wins.
+FIXES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("skipped by config",), "remove the entry from skip= / convert_types="),
+    (("smooth activation kept",), "smooth_activations='convert' (the default)"),
+    (("maxpool", "max_pool", "max-pool"),
+     "replace max-pool by average pooling (nn.AvgPool2d, same kernel/stride) or a strided convolution"),
+    (("layernorm", "layer_norm", "groupnorm", "group_norm", "instancenorm", "instance_norm"),
+     "use BatchNorm (converted to a gamma-Lipschitz BatchNorm) instead of a data-dependent normalization"),
+    (("product of two", "gate", "sigmoid"),
+     "squeeze-excite / gating multiplies two input-dependent tensors: remove the gate (se_layer=None or "
+     "an nn.Identity) if the guarantee matters"),
+    (("softmax", "attention"), "attention / softmax inside the network: not a CNN op, no guarantee"),
+    (("max is not",), "replace max / amax by a mean or a smooth (log-sum-exp) reduction"),
+    (("not traced", "opaque module"),
+     "make that forward traceable by torch.fx (no data-dependent Python control flow)"),
+    (("lipschitz_batchnorm=false",), "lipschitz_batchnorm=True (the default)"),
+    (("conv subclass",), "use a plain nn.Conv2d (or register an adapter for this conv type)"),
+)
+
+
+def fix_for(item: "Left") -> str | None:
+    """The usual fix of a voiding op (see :data:`FIXES`), or None."""
+    text = f"{item.op} {item.reason}".lower().replace(" ", "")
+    for words, fix in FIXES:
+        if any(w.replace(" ", "") in text for w in words):
+            return fix
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,6 +122,25 @@ class ConversionReport:
         cert = "guarantee holds" if self.certified else f"{len(self.voiding)} op(s) void the curvature guarantee"
         return f"{self.model}: {mode}; converted: {conv}; left: {left}; {cert}"
 
+    def voiding_summary(self) -> str:
+        """One paragraph: what voids the guarantee (ops with counts and first paths) and how to fix each."""
+        if self.certified:
+            return "the curvature guarantee holds (no op voids it)"
+        groups: dict[str, list[Left]] = {}
+        for item in self.voiding:
+            groups.setdefault(item.op, []).append(item)
+        parts, fixes = [], []
+        for op, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            where = ", ".join(repr(x.path) for x in items[:2]) + (", ..." if len(items) > 2 else "")
+            parts.append(f"{op} x{len(items)} ({where})" if len(items) > 1 else f"{op} ({where})")
+            fix = fix_for(items[0])
+            if fix is not None and fix not in fixes:
+                fixes.append(fix)
+        text = f"the curvature guarantee is void: {', '.join(parts)}."
+        if fixes:
+            text += " To fix: " + "; ".join(fixes) + "."
+        return text + " The report (print(model.lcnn_report)) lists every op and why."
+
     def __str__(self) -> str:
         lines = [f"LCNN conversion report: {self.summary()}", ""]
         rows = [(c.path, c.original, "->", c.replacement) for c in self.converted]
@@ -100,6 +149,8 @@ class ConversionReport:
         lines += _table(("module", "op", "guarantee", "why left"), rows2, "left unconverted")
         rows3 = [(f.path or "<root>", f.reason) for f in self.fallbacks]
         lines += _table(("module", "why not traced"), rows3, "module-level fallback")
+        fixes = sorted({(x.op, f) for x in self.voiding if (f := fix_for(x)) is not None})
+        lines += _table(("op", "how to fix"), fixes, "how to restore the guarantee")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines).rstrip()
 

@@ -17,6 +17,7 @@ If a module cannot be traced (or its train and eval traces differ, e.g. auxiliar
 """
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from collections import Counter
@@ -24,8 +25,10 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from .._utils import modes_preserved, redirect_later_readers
 from ..config import LCNNConfig
 from ..errors import ConversionError
 from ..nn import (CenteredSoftplus, LipschitzBatchNorm, conv_spectral_norm, is_lcnn_layer,
@@ -35,7 +38,7 @@ from .. import ops
 from . import rules as R
 from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
-from .trace import graph_signature, is_leaf, trace
+from .trace import bind_training_flags, compare_traces, graph_module, is_leaf, trace
 
 _HARMLESS_LEAVES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd,
@@ -62,13 +65,18 @@ class Converter:
     """Converts one model with one config, filling one :class:`ConversionReport`."""
 
     def __init__(self, config: LCNNConfig, report: ConversionReport,
-                 example_inputs: tuple[Any, ...] | None = None, dry_run: bool = False) -> None:
+                 example_inputs: tuple[Any, ...] | None = None, dry_run: bool = False,
+                 root_cls: type[fx.GraphModule] = fx.GraphModule) -> None:
         self.config = config
+        self.root_cls = root_cls  # class of the GraphModule built for the root (prefix "")
         self.report = report
         self.example_inputs = example_inputs
         self.dry_run = dry_run
-        self._skip_res = [re.compile(s[3:]) for s in config.skip if s.startswith("re:")]
+        self._skip_res = [(s, re.compile(s[3:])) for s in config.skip if s.startswith("re:")]
         self._skip_names = {s for s in config.skip if not s.startswith("re:")}
+        self._skip_hits: set[str] = set()     # skip patterns that matched a call site
+        self._seen_paths: set[str] = set()    # every call-site path the skip patterns were tried on
+        _check_convert_types(config.convert_types)
         self._opaque_ids: set[int] = set()  # submodules kept untraced (converted module by module)
         # the family -> factory table (DESIGN: pattern -> replacement, not an if-chain)
         self._factories: dict[str, Callable[[nn.Module | None, str, fx.Node | None], nn.Module | None]] = {
@@ -108,11 +116,9 @@ class Converter:
             # trace around the offending submodule (a leaf), then convert that one module by module
             opaque[culprit] = reason
         if g_train is not None:
-            gm = fx.GraphModule(module, g_train, class_name=type(module).__name__)
-            # keep the user's module hierarchy (Sequential, blocks...) instead of fx's bare containers, so that
-            # model.features[0] still works and the state-dict keys are exactly the original ones
-            for name, child in module.named_children():
-                setattr(gm, name, child)
+            # the user's module hierarchy (Sequential, blocks...) is kept, so that model.features[0] still works
+            # and the state-dict keys are exactly the original ones
+            gm = graph_module(module, g_train, cls=self.root_cls if not prefix else fx.GraphModule)
             self._opaque_ids = {id(gm.get_submodule(p)) for p in opaque}
             self._rewrite_graph(gm, prefix)
             for path, why in opaque.items():
@@ -136,8 +142,16 @@ class Converter:
                     "data-dependent control flow), or pass allow_fallback=True to convert it module by module "
                     "(its own forward is then left as it is and reported).") from e
             return None, f"torch.fx cannot trace {where} ({msg})", culprit
-        if graph_signature(g_train) != graph_signature(g_eval):
-            culprit = _divergence(g_train, g_eval)
+        cmp = compare_traces(g_train, g_eval)
+        if cmp.same and cmp.flags:
+            # the traces differ only in constant booleans equal to the training flag (F.dropout(x, p,
+            # training=self.training)): one graph whose flags read the owning module's `training` at run time
+            for node, owner in bind_training_flags(g_train, cmp.flags):
+                self.report.notes.append(
+                    f"'{_join(prefix, self._site_path(node))}' ({_site_name(node)}) reads "
+                    f"'{_join(prefix, owner) or '<root>'}'.training at run time (it follows the model's mode)")
+        if not cmp.same:
+            culprit = _divergence(cmp)
             why = ("its forward takes different paths in train and eval mode (auxiliary heads or a module "
                    "reading self.training)")
             if not self.config.allow_fallback:
@@ -234,13 +248,8 @@ class Converter:
                                   "activation call site comes from a forward pass). Fix: pass example_inputs=...")
         from torch.fx.passes.shape_prop import ShapeProp
 
-        was = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*self.example_inputs)
-        finally:
-            gm.train(was)
+        with modes_preserved(gm, training=False), torch.no_grad():
+            ShapeProp(gm).propagate(*self.example_inputs)
 
     # ================================================================== module-level fallback
     def _convert_children(self, module: nn.Module, prefix: str, reason: str) -> nn.Module:
@@ -354,12 +363,28 @@ class Converter:
         return self.config.smooth_activations == "convert"
 
     def _skipped(self, path: str, module: nn.Module | None) -> bool:
-        if path in self._skip_names or any(r.fullmatch(path) for r in self._skip_res):
+        self._seen_paths.add(path)
+        hits = ({path} & self._skip_names) | {s for s, r in self._skip_res if r.fullmatch(path)}
+        if hits:
+            self._skip_hits |= hits
             return True
         if module is not None and self.config.convert_types.get(type(module)) == "keep":
             rule = R.rule_for_module(module)  # (kept activations are reported by _activation instead)
             return rule is not None and rule.family not in ("relu", "smooth")
         return False
+
+    def unmatched_skips(self, model: nn.Module | None = None) -> list[tuple[str, list[str]]]:
+        """The skip patterns that matched no call site, each with the closest paths (of call sites and of
+        ``model``'s modules), closest first."""
+        paths = set(self._seen_paths)
+        if model is not None:
+            paths |= {n for n, _ in model.named_modules() if n}
+        out = []
+        for pattern in self.config.skip:
+            if pattern not in self._skip_hits:
+                probe = pattern[3:] if pattern.startswith("re:") else pattern
+                out.append((pattern, difflib.get_close_matches(probe, sorted(paths), n=3, cutoff=0.5)))
+        return out
 
     # ================================================================== reporting
     def _left(self, path: str, op: str, reason: str, voids: bool) -> None:
@@ -453,15 +478,70 @@ class Converter:
         setattr(owner, leaf, module)
 
 
+def _known_override_keys() -> tuple[set[type], set[str]]:
+    """The module types and the names a ``convert_types`` override can refer to (those some rule matches)."""
+    types: set[type] = set()
+    names: set[str] = set()
+    for rule in R.rules():
+        names.add(rule.name)
+        for t in rule.module_types:
+            types.add(t)
+            names.add(t.__name__)
+        names.update(_function_name(fn) for fn in rule.functions)
+        names.update(f"Tensor.{m}" for m in rule.methods)
+    return types, names
+
+
+def _check_convert_types(overrides: Any) -> None:
+    """Every ``convert_types`` key must be a type or a name some conversion rule matches (else it would be a
+    silent no-op: a typo, or a custom activation lcnnify does not know)."""
+    if not overrides:
+        return
+    types, names = _known_override_keys()
+    for key in overrides:
+        if isinstance(key, type):
+            if any(issubclass(key, t) for t in types):
+                continue
+            what = f"{key.__module__}.{key.__qualname__}"
+            known = sorted({t.__name__ for t in types})
+        elif isinstance(key, str):
+            if key in names:
+                continue
+            what, known = repr(key), sorted(names)
+            lower = {n.lower(): n for n in known}
+            close = [lower[c] for c in difflib.get_close_matches(key.lower(), list(lower), n=3, cutoff=0.5)]
+            if close:
+                known = close
+        else:
+            raise ConversionError(f"convert_types keys must be module types or names, got {key!r}")
+        register = ("; to convert a custom activation, register it first with "
+                    "lcnnify.ops.register_activation(...)") if _has_registry() else ""
+        raise ConversionError(
+            f"convert_types: no conversion rule matches {what}, so the override would be silently ignored. "
+            f"Fix: use a type (or subclass) or name lcnnify converts, e.g. {', '.join(known[:12])}{register}.")
+
+
+def _has_registry() -> bool:
+    try:
+        from .. import ops  # the op registry, where it exists
+    except ImportError:
+        return False
+    return hasattr(ops, "register_activation")
+
+
 def _site_name(node: fx.Node | None) -> str:
     if node is None:
         return "?"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
-    t = node.target
+    return _function_name(node.target)
+
+
+def _function_name(t: Any) -> str:
+    """``F.gelu``, ``torch.relu``, ``operator.mul``...: how the report and ``convert_types`` name a function."""
     mod = getattr(t, "__module__", "") or ""
     name = getattr(t, "__name__", str(t))
-    if mod.startswith("torch.nn.functional"):
+    if mod.startswith("torch.nn.functional") or getattr(F, name, None) is t:
         return f"F.{name}"
     if mod.startswith("torch") or mod == "" or mod.startswith("_operator"):
         return f"torch.{name}" if not mod.startswith("_operator") else f"operator.{name}"
@@ -490,19 +570,19 @@ def _culprit(module: nn.Module, exc: BaseException) -> tuple[str, str] | None:
     return found
 
 
-def _divergence(g1: fx.Graph, g2: fx.Graph) -> str | None:
+def _divergence(cmp: Any) -> str | None:
     """The innermost submodule (path) common to the first nodes where two traces differ, if any."""
-    for a, b in zip(g1.nodes, g2.nodes):
-        if (a.op, a.target) != (b.op, b.target):
-            sa = list((a.meta.get("nn_module_stack") or {}).values())
-            sb = list((b.meta.get("nn_module_stack") or {}).values())
-            common = None
-            for x, y in zip(sa, sb):
-                if x[0] != y[0]:
-                    break
-                common = x[0]
-            return common or None
-    return None
+    if cmp.first_difference is None or cmp.first_difference >= len(cmp.nodes):
+        return None
+    a, b = cmp.nodes[cmp.first_difference]
+    sa = list((a.meta.get("nn_module_stack") or {}).values())
+    sb = list((b.meta.get("nn_module_stack") or {}).values())
+    common = None
+    for x, y in zip(sa, sb):
+        if x[0] != y[0]:
+            break
+        common = x[0]
+    return common or None
 
 
 def _tensor_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -532,10 +612,6 @@ def _is_product(node: fx.Node, tensorish: set[fx.Node]) -> bool:
 def _redirect_inplace_readers(new_node: fx.Node, order: dict[fx.Node, int]) -> None:
     """After ``x.relu_()`` became ``y = act(x)``, readers of ``x`` placed after the call must read ``y``."""
     src = new_node.args[0]
-    if not isinstance(src, fx.Node):
-        return
-    pos = order[new_node]
-    for user in list(src.users):
-        if user is not new_node and order.get(user, -1) > pos:
-            user.replace_input_with(src, new_node)
+    if isinstance(src, fx.Node):
+        redirect_later_readers(src, new_node, order)
 

@@ -10,16 +10,23 @@ The tracer treats as leaves (never traced into):
   notrace but that are norms/convs (``BatchNormAct2d``, ``Conv2dSame``...) are leaves anyway.
 
 timm's notrace *functions* (dynamic "same" padding and friends) are autowrapped so that models using them
-trace. The graph is traced on the model in train mode and again in eval mode; callers compare the two.
+trace. The graph is traced on the model in train mode and again in eval mode and the two are compared node by
+node -- op, target, every argument and the wiring (:func:`compare_traces`). Traces that differ only in constant
+booleans equal to the training flag (``F.dropout(x, p, training=self.training)``) are merged into one graph
+whose flag arguments read the owning module's ``training`` attribute at run time (:func:`bind_training_flags`),
+so one graph serves both modes; any other difference means the forward takes different paths per mode.
 """
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 from torch import nn
 
+from .._utils import modes_preserved
 from .rules import is_rule_leaf
 
 _TIMM_HIDES_CONVERTIBLE = ("NormFreeBlock", "ConvMlp")
@@ -70,14 +77,30 @@ class LCNNTracer(fx.Tracer):
 def trace(model: nn.Module, *, training: bool | None = None, leaves: Iterable[nn.Module] = ()) -> fx.Graph:
     """Symbolically trace ``model`` with the model temporarily in ``training`` mode (default: its own).
 
-    ``leaves``: extra submodules (by identity) not to trace into, e.g. ones whose forward fx cannot trace."""
-    was_training = model.training
-    if training is not None:
-        model.train(training)
-    try:
+    Every submodule's own ``training`` flag is restored afterwards (a BatchNorm frozen with ``bn.eval()``
+    stays frozen). ``leaves``: extra submodules (by identity) not to trace into, e.g. ones whose forward fx
+    cannot trace."""
+    with modes_preserved(model, training):
         return LCNNTracer(leaf_ids=[id(m) for m in leaves]).trace(model)
-    finally:
-        model.train(was_training)
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, *, cls: type[fx.GraphModule] = fx.GraphModule,
+                 class_name: str | None = None) -> fx.GraphModule:
+    """An ``fx.GraphModule`` (of class ``cls``) running ``graph`` over ``root``'s own submodules.
+
+    Unlike a bare ``fx.GraphModule(root, graph)`` (which rebuilds containers as plain modules), the user's
+    module hierarchy is kept: every child of ``root`` is installed as it is, so ``model.features[0]`` works and
+    the state-dict keys are exactly the original ones."""
+    gm = cls(root, graph, class_name=class_name or type(root).__name__)
+    for name, child in root.named_children():
+        setattr(gm, name, child)
+    return gm
+
+
+def trace_module(model: nn.Module, *, training: bool | None = None, leaves: Iterable[nn.Module] = (),
+                 cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
+    """:func:`trace` then :func:`graph_module`: ``model`` as a GraphModule traced by :class:`LCNNTracer`."""
+    return graph_module(model, trace(model, training=training, leaves=leaves), cls=cls)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -86,6 +109,117 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 def graph_signature(graph: fx.Graph) -> list[tuple[str, Any]]:
-    """A structural fingerprint of a graph (op and target of every node), to compare train/eval traces."""
+    """A coarse fingerprint of a graph (op and target of every node); :func:`compare_traces` is the full test."""
     return [(n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target)))
             for n in graph.nodes]
+
+
+# ---------------------------------------------------------------------------------------------- train vs eval
+@dataclass(frozen=True)
+class FlagArg:
+    """A constant boolean argument that is the training flag (``negated``: its negation) of node ``index``."""
+
+    index: int
+    key: int | str  # position in args (int) or name in kwargs (str)
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class TraceComparison:
+    """How the train-mode and the eval-mode traces of one forward relate.
+
+    ``same``: identical op by op (target, arguments, wiring) except for ``flags``, constant booleans that are
+    True in train and False in eval (or the reverse: ``negated``), i.e. the training flag read at trace time.
+    ``first_difference``: index of the first node where the traces differ otherwise (None when ``same``).
+    """
+
+    same: bool
+    flags: tuple[FlagArg, ...] = ()
+    first_difference: int | None = None
+    nodes: tuple[tuple[fx.Node, fx.Node], ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def identical(self) -> bool:
+        return self.same and not self.flags
+
+
+def compare_traces(g_train: fx.Graph, g_eval: fx.Graph) -> TraceComparison:
+    """Compare two traces of the same forward node by node: op, target, every argument, and the wiring (which
+    earlier node each argument reads). See :class:`TraceComparison`."""
+    train, evl = list(g_train.nodes), list(g_eval.nodes)
+    pos_t = {n: i for i, n in enumerate(train)}
+    pos_e = {n: i for i, n in enumerate(evl)}
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            return isinstance(a, fx.Node) and isinstance(b, fx.Node) and pos_t.get(a) == pos_e.get(b)
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, slice):
+            return same((a.start, a.stop, a.step), (b.start, b.stop, b.step))
+        try:
+            return a is b or bool(a == b)
+        except Exception:  # noqa: BLE001 - e.g. tensors: compare by identity only
+            return False
+
+    flags: list[FlagArg] = []
+    pairs = tuple(zip(train, evl))
+    for i, (a, b) in enumerate(pairs):
+        if a.op != b.op or not same(a.target, b.target) or len(a.args) != len(b.args) \
+                or a.kwargs.keys() != b.kwargs.keys():
+            return TraceComparison(False, first_difference=i, nodes=pairs)
+        slots = [(k, a.args[k], b.args[k]) for k in range(len(a.args))]
+        slots += [(k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
+        for key, x, y in slots:
+            if same(x, y):
+                continue
+            if type(x) is bool and type(y) is bool:  # True/False: the flag itself or its negation
+                flags.append(FlagArg(i, key, negated=not x))
+                continue
+            return TraceComparison(False, first_difference=i, nodes=pairs)
+    if len(train) != len(evl):
+        return TraceComparison(False, first_difference=len(pairs), nodes=pairs)
+    return TraceComparison(True, tuple(flags), nodes=pairs)
+
+
+def flag_owner(node: fx.Node) -> str:
+    """Path (relative to the traced root, "" for the root) of the module whose forward made the call ``node``:
+    the innermost entry of fx's ``nn_module_stack``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else ""
+
+
+def bind_training_flags(graph: fx.Graph, flags: Iterable[FlagArg]) -> list[tuple[fx.Node, str]]:
+    """Make every flag argument of ``graph`` (the train-mode trace) read ``<owner>.training`` at run time.
+
+    The owner is the module whose forward made the call (:func:`flag_owner`): what ``self.training`` meant in
+    the source. One ``get_attr`` node per owner reads the flag (``operator.not_`` of it for a negated flag).
+    Returns (node, owner path) for each rewired call."""
+    nodes = list(graph.nodes)
+    readers: dict[tuple[str, bool], fx.Node] = {}
+    done: list[tuple[fx.Node, str]] = []
+    for flag in flags:
+        node = nodes[flag.index]
+        owner = flag_owner(node)
+        key = (owner, flag.negated)
+        if key not in readers:
+            with graph.inserting_before(node):
+                value = graph.get_attr(f"{owner}.training" if owner else "training")
+                if flag.negated:
+                    value = graph.call_function(operator.not_, (value,))
+            readers[key] = value
+        if isinstance(flag.key, int):
+            args = list(node.args)
+            args[flag.key] = readers[key]
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, flag.key: readers[key]}
+        done.append((node, owner))
+    return done

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lcnnify._utils import model_device, modes_preserved
 from lcnnify.errors import MeasurementError
 
 __all__ = ["CurvatureStats", "curvature", "DEFAULT_CHUNK_SIZE"]
@@ -61,11 +62,7 @@ _METHODS = ("lanczos", "power")
 # shared helpers (also used by robustness.py and geometry.py)
 # ---------------------------------------------------------------------------------------------------------
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return fallback
+    return model_device(model, default=fallback)
 
 
 @contextlib.contextmanager
@@ -79,19 +76,16 @@ def _measurement_mode(model: nn.Module) -> Iterator[None]:
         raise MeasurementError(
             f"lcnnify.metrics: model must be a torch.nn.Module (inputs -> logits), got {type(model).__name__}"
         )
-    modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
+        with modes_preserved(model, training=False):
+            for p in params:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                yield
     finally:
-        for m, t in modes:
-            m.training = t
         for p, r, g in zip(params, requires, grads):
             p.requires_grad_(r)
             p.grad = g

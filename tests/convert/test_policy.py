@@ -1,10 +1,14 @@
 """The activation policy and per-type / per-name overrides (issue: zoo)."""
 from __future__ import annotations
 
+import warnings
+
+import pytest
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcnnify import lcnnify, validate
+from lcnnify import ConversionError, ConversionWarning, lcnnify, validate
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm
 
 
@@ -67,3 +71,67 @@ def test_report_prints_a_table_and_serializes():
     assert d["certified"] is False and d["converted_counts"]["conv"] == 1
     import json
     assert json.loads(rep.to_json())["model"] == "_Mixed"
+
+
+# ------------------------------------------------------------------------------------------ silent no-ops
+def test_a_skip_pattern_that_matches_nothing_warns_with_the_closest_paths():
+    with pytest.warns(ConversionWarning, match=r"skip pattern 'gelu_' matched no call site.*'gelu'"):
+        lcnnify(_Mixed(), skip=("gelu_",))
+    with pytest.warns(ConversionWarning, match=r"skip pattern 're:stages.* matched no call site"):
+        validate(_Mixed(), skip=(r"re:stages\.0\..*",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        validate(_Mixed(), skip=("gelu", "re:b."))  # both match: no warning
+
+
+def test_a_bad_skip_regex_is_a_conversion_error_naming_it():
+    with pytest.raises(ConversionError, match=r"'re:layer\[1' is not a valid regular expression"):
+        lcnnify(_Mixed(), skip=("re:layer[1",))
+
+
+def test_a_void_guarantee_gives_one_warning_that_says_how_to_fix_it():
+    with pytest.warns(ConversionWarning) as record:
+        lcnnify(_Mixed())
+    msgs = [str(w.message) for w in record if issubclass(w.category, ConversionWarning)]
+    assert len(msgs) == 1
+    assert "guarantee is void" in msgs[0] and "F.max_pool2d" in msgs[0] and "operator.mul" in msgs[0]
+    assert "average pooling" in msgs[0]
+    assert "average pooling" in str(lcnnify(_Mixed()).lcnn_report)  # the printed report says it too
+    certified = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        lc = lcnnify(certified)
+    assert lc.lcnn_report.certified
+
+
+class _MyAct(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class _MySiLU(nn.SiLU):
+    pass
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({nn.GELU: "Convert"}, r"must be 'convert' or 'keep'"),
+    ({nn.GELU: True}, r"must be 'convert' or 'keep'"),
+    ({_MyAct: "convert"}, r"no conversion rule matches .*_MyAct"),
+    ({"Gelu": "keep"}, r"no conversion rule matches 'Gelu'.*GELU"),
+])
+def test_convert_types_must_name_a_known_type_and_a_valid_policy(overrides, match):
+    with pytest.raises(ConversionError, match=match):
+        lcnnify(_Mixed(), convert_types=overrides)
+
+
+def test_convert_types_accepts_subclasses_and_names_of_known_types():
+    class _Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(1, 2, 3), _MySiLU()
+
+        def forward(self, x):
+            return F.gelu(self.act(self.conv(x)))
+
+    lc = lcnnify(_Net(), convert_types={_MySiLU: "keep", "F.gelu": "keep"})
+    assert isinstance(lc.act, _MySiLU) and not _csp_paths(lc)
