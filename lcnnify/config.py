@@ -1,4 +1,4 @@
-"""`LCNNConfig`: every default of the conversion and the penalty in one frozen dataclass (DESIGN §3, §6)."""
+"""`LCNNConfig`: every default of the conversion and the penalty in one frozen dataclass ."""
 from __future__ import annotations
 
 import dataclasses

@@ -18,10 +18,6 @@ class MeasurementError(LCNNError, ValueError):
     """Bad input to a measurement (wrong shape, labels out of range, NaN input, eps < 0...)."""
 
 
-class SerializationError(LCNNError, TypeError):
-    """A converted model cannot be serialized this way (the message names the way that works)."""
-
-
 class LCNNWarning(UserWarning):
     """Base warning category of lcnnify."""
 

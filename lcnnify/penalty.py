@@ -1,4 +1,4 @@
-"""The curvature penalty (paper eq. 5) and optimizer parameter groups (DESIGN §2).
+"""The curvature penalty (paper eq. 5) and optimizer parameter groups.
 
     R = lambda_beta * sum_i beta_i + lambda_gamma * sum_j log(gamma_j)
 
@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ._utils import model_device, model_dtype
 from .config import LCNNConfig
 from .nn import CenteredSoftplus, LipschitzBatchNorm
 
@@ -42,9 +43,7 @@ def curvature_penalty(model: nn.Module, lambda_beta: float | None = None,
             betas.append(m.beta.mean())
         else:
             log_gammas.append(m.log_gamma())  # log(1 + exp(rho)), stable
-    ref = next(iter(model.parameters()), None)
-    total = torch.zeros((), device=ref.device if ref is not None else None,
-                        dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    total = torch.zeros((), device=model_device(model), dtype=model_dtype(model))
     if betas:
         total = total + lb * torch.stack(betas).sum()
     if log_gammas:

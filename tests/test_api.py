@@ -218,3 +218,28 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(tiny_cnn):
         load_plain_state_dict(lc, state)
     result = load_plain_state_dict(lc, state, strict=False)
     assert result.missing_keys == ["head.bias"] and result.unexpected_keys == ["extra.weight"]
+
+
+def test_a_weight_standardized_conv_gets_its_raw_weight_and_gain():
+    timm_layers = pytest.importorskip("timm.layers")
+
+    def make():
+        return nn.Sequential(timm_layers.ScaledStdConv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
+
+    torch.manual_seed(0)
+    plain = make()
+    with torch.no_grad():
+        plain[0].gain.uniform_(0.5, 2.0)
+    lc = lcnnify(make(), example_inputs=torch.randn(1, 1, 6, 6))
+    result = load_plain_state_dict(lc, plain.state_dict())
+    assert result.mapping == {"0.weight": "0.parametrizations.weight.original",
+                              "0.gain": "0.parametrizations.weight.0.gain",
+                              "3.weight": "3.parametrizations.weight.original"}
+    conv = lc.get_submodule("0")
+    torch.testing.assert_close(conv.parametrizations.weight.original, plain[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(conv.parametrizations.weight[0].gain, plain[0].gain.reshape(-1), rtol=0, atol=0)
+    # the chain applies what the plain layer applies, then normalizes: WS(W) here == timm's standardized weight
+    ws = conv.parametrizations.weight[0](conv.parametrizations.weight.original)
+    ref = F.batch_norm(plain[0].weight.reshape(1, 2, -1), None, None, training=True, momentum=0.0,
+                       eps=plain[0].eps).reshape_as(plain[0].weight) * (plain[0].gain * plain[0].scale)
+    torch.testing.assert_close(ws, ref, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Apply the replacement table to a model, call site by call site (DESIGN §3).
+"""Apply the replacement table to a model, call site by call site.
 
 The model is traced with :mod:`lcnnify.convert.trace` (in train and in eval mode). If both traces agree, the
 graph is rewritten node by node:
@@ -78,7 +78,7 @@ class Converter:
         self._seen_paths: set[str] = set()    # every call-site path the skip patterns were tried on
         _check_convert_types(config.convert_types)
         self._opaque_ids: set[int] = set()  # submodules kept untraced (converted module by module)
-        # the family -> factory table (DESIGN: pattern -> replacement, not an if-chain)
+        # the family -> factory table (pattern -> replacement, not an if-chain)
         self._factories: dict[str, Callable[[nn.Module | None, str, fx.Node | None], nn.Module | None]] = {
             "relu": self._activation,
             "smooth": self._activation,
@@ -514,8 +514,9 @@ def _check_convert_types(overrides: Any) -> None:
                 known = close
         else:
             raise ConversionError(f"convert_types keys must be module types or names, got {key!r}")
-        register = ("; to convert a custom activation, register it first with "
-                    "lcnnify.ops.register_activation(...)") if _has_registry() else ""
+        register = ("; to convert a custom activation, register it first: lcnnify.ops.register_activation("
+                    f"{getattr(key, '__name__', key)}, slope=..., curvature=..., convert='policy')") \
+            if _has_registry() else ""
         raise ConversionError(
             f"convert_types: no conversion rule matches {what}, so the override would be silently ignored. "
             f"Fix: use a type (or subclass) or name lcnnify converts, e.g. {', '.join(known[:12])}{register}.")

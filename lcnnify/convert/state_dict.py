@@ -135,9 +135,19 @@ def load_plain_state_dict(model: nn.Module, state_dict: Mapping[str, Any], stric
         raise ConversionError(
             "load_plain_state_dict: the checkpoint does not fit the converted model: " + "; ".join(parts) +
             ". Fix: load a checkpoint of the same architecture (same num_classes), or pass strict=False.")
-    remapped = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
+    own = model.state_dict()
+    remapped = {}
+    for key, value in state_dict.items():
+        if key in mapping:
+            target = mapping[key]
+            # a tensor a parametrization holds in its own layout (the gain of a weight standardization: (C,)
+            # instead of timm's (C, 1, 1, 1)): same values, the target's shape
+            if target != key and isinstance(value, torch.Tensor) and value.shape != own[target].shape \
+                    and value.numel() == own[target].numel():
+                value = value.reshape(own[target].shape)
+            remapped[target] = value
     # keep what the checkpoint does not provide (LCNN-only state), then load strictly
-    full = {**{k: v for k, v in model.state_dict().items() if k not in remapped}, **remapped}
+    full = {**{k: v for k, v in own.items() if k not in remapped}, **remapped}
     model.load_state_dict(full, strict=True)
     if reconverge:
         reconverge_power_iterations(model)

@@ -1,4 +1,4 @@
-"""Get an ``fx.Graph`` of a model that sees every layer the conversion needs (DESIGN §3, ZOO_NOTES).
+"""Get an ``fx.Graph`` of a model that sees every layer the conversion needs.
 
 The tracer treats as leaves (never traced into):
 

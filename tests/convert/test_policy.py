@@ -135,3 +135,16 @@ def test_convert_types_accepts_subclasses_and_names_of_known_types():
 
     lc = lcnnify(_Net(), convert_types={_MySiLU: "keep", "F.gelu": "keep"})
     assert isinstance(lc.act, _MySiLU) and not _csp_paths(lc)
+
+
+def test_convert_types_accepts_an_activation_registered_in_the_op_registry():
+    ops = pytest.importorskip("lcnnify.ops")
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), _MyAct())
+    with pytest.raises(ConversionError, match=r"register_activation\(_MyAct"):
+        lcnnify(net, convert_types={_MyAct: "convert"})
+    spec = ops.register_activation(_MyAct, slope=1.1, curvature=0.6, convert="policy")
+    try:
+        assert isinstance(lcnnify(net, convert_types={_MyAct: "keep"}).get_submodule("1"), _MyAct)
+        assert isinstance(lcnnify(net, convert_types={_MyAct: "convert"}).get_submodule("1"), CenteredSoftplus)
+    finally:
+        ops.unregister(spec)
