@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConversionError
-from .spectral_norm import DEFAULT_MIN_SIGMA, _WARMUP_RTOL, SpectralNormBase, _refuse_double
+from .spectral_norm import DEFAULT_MIN_SIGMA, _EVAL_RTOL, SpectralNormBase, _refuse_double
 
 __all__ = ["MatrixOperator", "LinearSpectralNorm", "linear_spectral_norm", "find_linear_spectral_norm"]
 
@@ -51,7 +51,7 @@ class LinearSpectralNorm(SpectralNormBase):
     """
 
     def __init__(self, linear: nn.Module, n_power_iterations: int = 1, warmup_iterations: int = 15,
-                 eps: float = 1e-12, min_sigma: float = DEFAULT_MIN_SIGMA, eval_rtol: float = _WARMUP_RTOL) -> None:
+                 eps: float = 1e-12, min_sigma: float = DEFAULT_MIN_SIGMA, eval_rtol: float = _EVAL_RTOL) -> None:
         w = linear.weight
         if not isinstance(w, Tensor) or w.dim() != 2 or isinstance(w, nn.parameter.UninitializedParameter):
             raise ConversionError(f"linear_spectral_norm: {type(linear).__name__} has no initialized 2-d weight; "

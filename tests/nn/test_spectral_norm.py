@@ -343,3 +343,316 @@ def test_eval_cache_follows_weight_updates_and_checkpoint_loads():
         torch.testing.assert_close(other(x), conv(x))
         conv.load_state_dict({k: v * (2.0 if k.endswith("original") else 1.0) for k, v in conv.state_dict().items()})
         torch.testing.assert_close(conv(x), other(x) - other.bias.view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1))
+
+
+# ---------------------------------------------------------------- zero and degenerate weights
+from lcnnify.nn import DEFAULT_MIN_SIGMA, LinearSpectralNorm, find_spectral_norm  # noqa: E402
+
+
+def _unit(t: torch.Tensor) -> float:
+    return t.double().norm().item()
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_zero_weight_is_finite_with_the_plain_gradient_and_recovers_normalization(kind):
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer, shape = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 6, 6)
+        nn.init.zeros_(layer.weight)
+        conv_spectral_norm(layer, input_shape=shape)
+        dense = lambda w: conv_operator_matrix(layer, shape, w)  # noqa: E731
+        apply = lambda x, w: conv_apply(layer, x, w) + layer.bias.view(1, -1, 1, 1)  # noqa: E731
+    else:
+        layer, shape = nn.Linear(5, 4), (5,)
+        nn.init.zeros_(layer.weight)
+        linear_spectral_norm(layer)
+        dense = lambda w: w.detach().double()  # noqa: E731
+        apply = lambda x, w: F.linear(x, w, layer.bias)  # noqa: E731
+    sn = find_spectral_norm(layer)
+    raw = layer.parametrizations.weight.original
+    x = torch.randn(2, *shape)
+    for training in (True, False):
+        layer.train(training)
+        raw.grad = None
+        y = layer(x)
+        assert torch.equal(y, apply(x, torch.zeros_like(raw)))  # W = 0 -> output = bias, exactly
+        y.square().sum().backward()
+        # below min_sigma the layer is W / min_sigma: gradient = (gradient w.r.t. the normalized weight) / min_sigma
+        w0 = torch.zeros_like(raw, requires_grad=True)
+        apply(x, w0).square().sum().backward()
+        torch.testing.assert_close(raw.grad, w0.grad / DEFAULT_MIN_SIGMA)
+        assert abs(_unit(sn.u) - 1) < 1e-6 and abs(_unit(sn.v) - 1) < 1e-6  # never a collapsed (zero) vector
+    # the weight becomes non-zero (an optimizer step): normalization recovers at once in training and in eval
+    with torch.no_grad():
+        raw.copy_(torch.randn_like(raw))
+    layer.train()
+    for _ in range(30):
+        layer(x)
+    s_train = top_singular_value(dense(layer.weight))
+    assert 0.9 <= s_train <= 1 + 1e-3, s_train
+    layer.eval()
+    assert top_singular_value(dense(layer.weight)) == pytest.approx(1.0, abs=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(log_scale=st.one_of(st.just(None), st.floats(-30, 6)), seed=st.integers(0, 2 ** 16),
+       training=st.booleans())
+def test_any_weight_scale_is_finite_and_normalized_down_to_min_sigma(log_scale, seed, training):
+    """W * s for s in {0} U [1e-30, 1e6]: finite values and gradients; eval operator norm exactly
+    min(1, sigma / min_sigma) (the layer is scale invariant above min_sigma, linear below)."""
+    torch.manual_seed(seed)
+    conv, shape = nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 7, 7)
+    base = conv.weight.detach().clone()
+    scale = 0.0 if log_scale is None else 10.0 ** log_scale
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    true = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
+    conv_spectral_norm(conv, input_shape=shape).train(training)
+    raw = conv.parametrizations.weight.original
+    x = torch.randn(2, *shape)
+    y = conv(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(raw.grad).all()
+    assert raw.grad.abs().max().item() <= 1e4 * (1 + y.abs().max().item()) ** 2 * 50  # O(1 / min_sigma)
+    conv.eval()
+    s = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
+    expected = min(1.0, true / DEFAULT_MIN_SIGMA)
+    assert s == pytest.approx(expected, rel=1e-3, abs=1e-30), (s, expected, true)
+    # and the raw weight's direction is what is applied (scale invariance)
+    if true >= DEFAULT_MIN_SIGMA:
+        torch.testing.assert_close(conv.weight / conv.weight.norm(), base / base.norm())
+
+
+# ---------------------------------------------------------------- inference_mode
+def test_lazy_first_forward_under_inference_mode_then_training():
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1))
+    lin = linear_spectral_norm(nn.Linear(3 * 5 * 5, 4))
+    model = nn.Sequential(conv, nn.Flatten(), lin).eval()
+    x = torch.randn(2, 2, 5, 5)
+    with torch.inference_mode():
+        y_inf = model(x)  # learns the conv's shape, warms up, converges both layers (eval)
+    sn = find_conv_spectral_norm(conv)
+    for t in (sn.u, sn.v, find_spectral_norm(lin).u, find_spectral_norm(lin).v):
+        assert not t.is_inference()
+    torch.testing.assert_close(model(x), y_inf)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_new_resolution_under_inference_mode_then_training():
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1), input_shape=(2, 6, 6)).eval()
+    sn = find_conv_spectral_norm(conv)
+    with torch.inference_mode(), pytest.warns(ShapeChangeWarning):
+        conv(torch.randn(1, 2, 9, 9))
+    assert sn.input_shape == (2, 9, 9) and not sn.v.is_inference() and not sn.u.is_inference()
+    assert top_singular_value(conv_operator_matrix(conv, (2, 9, 9), conv.weight)) == pytest.approx(1, abs=1e-3)
+    conv.train()
+    conv(torch.randn(2, 2, 9, 9)).sum().backward()  # power iteration updates u, v in place: normal tensors
+    assert torch.isfinite(conv.parametrizations.weight.original.grad).all()
+
+
+# ---------------------------------------------------------------- eval: converged, never stale
+def _lagging(layer, x, steps=6, lr=0.6):
+    """Large random weight moves in training mode: the 1-iteration estimate falls behind the weights."""
+    raw = layer.parametrizations.weight.original
+    layer.train()
+    for _ in range(steps):
+        with torch.no_grad():
+            raw.add_(lr * raw.abs().mean() * torch.randn_like(raw))
+        layer(x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=conv_configs(), seed=st.integers(0, 2 ** 16))
+def test_eval_operator_norm_is_converged_after_the_weights_moved(cfg, seed):
+    conv, shape = cfg
+    torch.manual_seed(seed)
+    assume(top_singular_value(conv_operator_matrix(conv, shape, conv.weight)) > 1e-3)
+    conv_spectral_norm(conv, input_shape=shape)
+    _lagging(conv, torch.randn(2, *shape))
+    sn = find_conv_spectral_norm(conv)
+    u, v = sn.u.clone(), sn.v.clone()
+    conv.eval()
+    s = top_singular_value(conv_operator_matrix(conv, shape, conv.weight))
+    assert 1 - 1e-4 <= s <= 1 + 1e-3, s
+    # the converged estimate is kept apart: evaluating never changes the training iteration's state
+    assert torch.equal(sn.u, u) and torch.equal(sn.v, v)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 300), (10, 1)])
+def test_linear_eval_norm_is_converged_after_the_weights_moved(shape):
+    torch.manual_seed(0)
+    lin = linear_spectral_norm(nn.Linear(shape[1], shape[0]))
+    assert torch.linalg.matrix_norm(lin.weight.detach(), 2).item() == pytest.approx(1.0, abs=1e-3)
+    _lagging(lin, torch.randn(4, shape[1]))
+    lin.eval()
+    assert torch.linalg.matrix_norm(lin.weight.detach().double(), 2).item() == pytest.approx(1.0, abs=1e-3)
+    sigma = torch.linalg.matrix_norm(lin.parametrizations.weight.original.detach().double(), 2).item()
+    assert find_spectral_norm(lin).sigma.item() == pytest.approx(sigma, rel=1e-3)
+
+
+def test_eval_is_not_stale_after_data_mul_and_copy():
+    """``p.data`` updates (EMA, momentum encoders) do not bump ``p._version``: the eval cache must see them."""
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1), input_shape=(2, 6, 6)).eval()
+    sn = find_conv_spectral_norm(conv)
+    raw = conv.parametrizations.weight.original
+    x = torch.randn(1, 2, 6, 6)
+
+    def reference():
+        w = raw.detach()
+        return conv_apply(conv, x, w / top_singular_value(conv_operator_matrix(conv, (2, 6, 6), w)))
+
+    def check():
+        with torch.no_grad():
+            y = conv(x) - conv.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(y, reference(), rtol=1e-3, atol=1e-5)
+        true = top_singular_value(conv_operator_matrix(conv, (2, 6, 6), raw))
+        assert sn.sigma.item() == pytest.approx(true, rel=1e-3)
+
+    check()
+    sigma0 = sn.sigma.item()
+    raw.data.mul_(0.5)  # scale: same normalized weight, half the sigma
+    check()
+    assert sn.sigma.item() == pytest.approx(sigma0 / 2, rel=1e-3)
+    raw.data[:1].mul_(-3.0)  # a change of direction
+    check()
+    raw.data.copy_(torch.randn_like(raw))
+    check()
+
+
+def test_custom_gradient_equals_autograd_of_w_over_uTAv_first_and_second_order():
+    """Miyato: sigma = <u, A_W v> with u, v held fixed; the Function's backward (and double backward) must equal
+    plain autograd of W / <u, A_W v>."""
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular").double(),
+                              input_shape=(2, 7, 7))
+    sn = find_conv_spectral_norm(conv)
+    raw = conv.parametrizations.weight.original
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    for training in (True, False):
+        conv.train(training)
+        y = conv(x)
+        u, v = (sn.u, sn.v) if training else (sn._converged.u, sn._converged.v)
+        (g,) = torch.autograd.grad(y.square().sum(), raw, create_graph=True)
+        (h,) = torch.autograd.grad(g.square().sum(), raw)
+        w = raw.detach().clone().requires_grad_(True)
+        wn = w / (u * conv_apply(conv, v, w)).sum()
+        y_ref = F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice, mode="circular"), wn, conv.bias, stride=2)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+        (g_ref,) = torch.autograd.grad(y_ref.square().sum(), w, create_graph=True)
+        (h_ref,) = torch.autograd.grad(g_ref.square().sum(), w)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- linear layers: our parametrization
+def test_linear_spectral_norm_loads_a_torch_spectral_norm_checkpoint():
+    torch.manual_seed(0)
+    old = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(6, 4))
+    sd = old.state_dict()
+    assert "parametrizations.weight.0._u" in sd
+    new = linear_spectral_norm(nn.Linear(6, 4))
+    new.load_state_dict(sd)
+    new.eval()
+    w = sd["parametrizations.weight.original"]
+    torch.testing.assert_close(new.weight, w / torch.linalg.matrix_norm(w, 2), rtol=1e-4, atol=1e-6)
+    assert isinstance(find_spectral_norm(new), LinearSpectralNorm) and is_lcnn_layer(new)
+
+
+# ---------------------------------------------------------------- NF-nets (zero-initialised gains)
+def _skipinit_net():
+    from timm.layers import ScaledStdConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = ScaledStdConv2d(4, 4, 3, padding=1)
+            self.conv2 = ScaledStdConv2d(4, 4, 3, padding=1, gain_init=0.0)  # NF-ResNet: zero gain, last conv
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return x + self.conv2(self.act(self.conv1(x)))
+
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def _train_steps(model, x, y, steps, lr=0.1):
+    import lcnnify
+
+    opt = torch.optim.SGD(lcnnify.param_groups(model, 5e-4), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + model.curvature_penalty()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_zero_gain_weight_standardized_block_trains():
+    import lcnnify
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lcnnify.lcnnify(_skipinit_net(), example_inputs=torch.randn(1, 1, 8, 8))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    losses = _train_steps(model, x, y, 5)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    conv2 = model.get_submodule("1.conv2")
+    gain = conv2.parametrizations.weight[0].gain
+    assert gain.abs().max() > 0  # the zero gain moved: the branch is on, and normalized
+    model.eval()
+    s = top_singular_value(conv_operator_matrix(conv2, (4, 8, 8), conv2.weight))
+    assert s == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_nf_resnet26_trains_after_conversion():
+    import lcnnify
+    import timm
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lcnnify.lcnnify(timm.create_model("nf_resnet26", num_classes=10),
+                                example_inputs=torch.randn(1, 3, 32, 32))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    losses = _train_steps(model, x, y, 4)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_eval_norms_are_converged_after_sgd_steps():
+    import lcnnify
+    import torchvision
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lcnnify.lcnnify(torchvision.models.resnet18(num_classes=10), example_inputs=torch.randn(1, 3, 32, 32))
+    _train_steps(model, torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), 5)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    for name, m in model.named_modules():
+        sn = find_spectral_norm(m)
+        if sn is None:
+            continue
+        if find_conv_spectral_norm(m) is not None:
+            s = conv_operator_norm(m, n_iterations=300, generator=torch.Generator().manual_seed(1)).item()
+        else:
+            s = torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
+        assert s == pytest.approx(1.0, abs=1e-3), (name, s)
