@@ -54,8 +54,8 @@ class FrozenCenteredSoftplus(nn.Module):
 
     @classmethod
     def from_centered_softplus(cls, act: CenteredSoftplus) -> "FrozenCenteredSoftplus":
-        with torch.no_grad():
-            beta = act.log_beta.detach().double().exp().to(act.log_beta.dtype)
+        with torch.no_grad():  # float64: as exact for float64 inputs as the module, rounded once for float32
+            beta = act.log_beta.detach().double().exp()
         return cls(beta, act.num_channels or 0, act.channel_dim)
 
     def forward(self, x: Tensor) -> Tensor:
