@@ -119,6 +119,19 @@ def _with_fused(run):
     return fused_run
 
 
+def saved_bytes_per_element(act, x) -> float:
+    """Bytes that autograd keeps for backward per input element (distinct storages, via saved-tensor hooks)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act(x.detach().requires_grad_(True) * 1.0)  # the product saves nothing tensor-sized
+    return sum(seen.values()) / x.numel()
+
+
 def _stats(ts: list[float], n: int) -> dict:
     ns = sorted(t / n * 1e9 for t in ts)
     q = statistics.quantiles(ns, n=4)
@@ -167,6 +180,9 @@ def main() -> None:
             for k, s in st.items():
                 rows.append([label, phase, k, s["median_ns_per_element"], f"{s['q25']:.3g}-{s['q75']:.3g}",
                              s["ratio_to_relu"]])
+    saved = {k: saved_bytes_per_element(a, x) for k, a in
+             (("relu", relu), ("new", CenteredSoftplus(5.0)), ("previous", PreviousCenteredSoftplus(5.0)))}
+    print("bytes kept for backward per element:", {k: round(v, 3) for k, v in saved.items()})
     print(f"shape {SHAPE}, float32, {torch.get_num_threads()} threads, process CPU time, "
           f"{args.repeats} interleaved repeats")
     print(table(["beta", "phase", "activation", "median ns/elem", "25-75%", "x relu"], rows))
@@ -174,6 +190,7 @@ def main() -> None:
         print(f"fused kernels: compile + warm-up {compile_s:.1f} s (wall)")
     write_json(args.out, {"machine": machine(), "shape": list(SHAPE), "dtype": "float32",
                           "repeats": args.repeats, "clock": "process CPU time", "fused_compile_seconds": compile_s,
+                          "saved_bytes_per_element": saved,
                           "results": results})
 
 

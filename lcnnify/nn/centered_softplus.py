@@ -8,7 +8,8 @@ Forward. With a = beta |x| and w = tanh(a / 2) in [0, 1):  (1 + e^-a) / 2 = 1 / 
 
 (Goldberg's log1p: ``u - 1`` is exact, so the ratio log(u)/(u - 1), a smooth function of the rounded u, is
 accurate to a few ulp; w is clamped below at one ulp so that u != 1). Only tanh, log, abs, clamp and
-multiply/add passes are used (no ``expm1``/``log1p``/``softplus``, which have no vectorized CPU kernels).
+multiply/add passes are used (no ``expm1``/``log1p``/``softplus``, whose CPU speed is erratic in some torch
+builds).
 tanh keeps full relative precision for small a, so there is no cancellation anywhere: s0(0) = 0 exactly,
 s0 -> x/2 as beta -> 0 (w ~ a/2), nothing overflows (w saturates at 1 for any beta |x| up to inf), and the
 correction lies in [-log 2 / beta, 0], so |s0 - relu| <= log 2 / beta.
@@ -36,6 +37,7 @@ the chain rule runs back through it.
 Speed. Large CPU tensors are processed in cache-sized chunks (fresh tensor-sized temporaries cost a page
 fault per 4 KiB; chunk-sized scratch buffers are reused by the allocator and stay in cache). ``inplace=True``
 writes the output over the input (like ``relu_``), so the activation then keeps no tensor of its own.
+Optional compiled (fused) kernels for the common case: :mod:`lcnnify.nn.fused_softplus`.
 
 Low-precision inputs (float16 / bfloat16) are computed in float32 and cast back; float64 stays float64.
 """
@@ -101,8 +103,8 @@ class _Chunks:
         n = x.numel()
         target = _CHUNK_PER_THREAD * max(1, torch.get_num_threads())
         self.beta, self.flat, self.bounds = beta, False, [None]
-        if x.device.type != "cpu" or n <= 2 * target:
-            return
+        if x.device.type != "cpu" or n <= 2 * target or torch.compiler.is_compiling():
+            return  # (a compiler fuses the passes itself)
         if beta.numel() == 1 and x.is_contiguous():
             self.beta, self.flat = beta.reshape(()), True
             self.bounds = [(i, min(i + target, n)) for i in range(0, n, target)]

@@ -451,3 +451,25 @@ def test_per_channel_beta_rejects_wrong_channel_count():
     act = CenteredSoftplus(1.0, num_channels=3)
     with pytest.raises(ValueError, match="channels"):
         act(torch.randn(2, 4, 5))
+
+
+@pytest.mark.slow
+def test_outer_torch_compile_matches_eager_in_training():
+    """A model that contains CenteredSoftplus (scalar and per-channel beta) compiled by the user: forward and
+    all gradients as in eager mode (the chunked CPU path is bypassed while tracing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), CenteredSoftplus(2.0), torch.nn.Conv2d(8, 4, 3),
+                                CenteredSoftplus(3.0, num_channels=4))
+    x = torch.randn(2, 3, 70, 70)
+
+    def step(m):
+        m.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        y = m(xr)
+        y.pow(2).sum().backward()
+        return [y.detach(), xr.grad] + [p.grad.clone() for p in m.parameters()]
+
+    eager = step(model)
+    compiled = step(torch.compile(model))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
