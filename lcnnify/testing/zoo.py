@@ -443,14 +443,30 @@ def _bare(op: str) -> str:
     return op.rsplit(".", 1)[-1].rstrip("_").lower()
 
 
+def _is_fixed_linear_op(mod: nn.Module) -> bool:
+    """A module :mod:`lcnnify.ops` registers as a linear op the conversion keeps as it is (no ``convert``) and
+    that does not void the guarantee: average pools, padding, timm's BlurPool2d."""
+    try:
+        from lcnnify.ops import Call, Family, spec_for_module
+    except ImportError:  # pragma: no cover - a registry-less lcnnify
+        return False
+    spec = spec_for_module(mod)
+    if spec is None or spec.family != Family.LINEAR or spec.convert is not None:
+        return False
+    return spec.void_reason(Call("call_module", type(mod), module=mod, spec=spec)) is None
+
+
 def _execution_problems(lc: nn.Module, report: Any, seen, calls) -> list[str]:
     """What ran that is neither an LCNN layer nor named in the conversion report."""
     from lcnnify.nn import LipschitzBatchNorm, find_conv_spectral_norm, is_lcnn_layer
 
     left_paths = {item.path for item in report.left} | {f.path for f in report.fallbacks}
+    # fixed linear ops the op registry knows and keeps (pools, padding, blur filters: F.conv2d with a fixed
+    # averaging kernel inside is no un-normalized layer)
+    fixed_paths = {path for path, mod, _ in seen if _is_fixed_linear_op(mod)}
 
     def reported(path: str) -> bool:
-        return "" in left_paths or any(path == p or path.startswith(p + ".") for p in left_paths)
+        return "" in left_paths or any(path == p or path.startswith(p + ".") for p in left_paths | fixed_paths)
 
     problems: list[str] = []
     for path, mod, shape in seen:
