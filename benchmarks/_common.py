@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: interleaved timing (A B A B ...), medians, JSON output."""
+"""Shared helpers of the benchmark scripts: interleaved timing (A B A B ...), medians and ratio spreads, peak
+memory of this process, JSON output."""
 from __future__ import annotations
 
 import json
@@ -44,6 +45,82 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """median, quartiles (q1, q3: the inclusive method, so a handful of samples works) and range."""
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0], xs[0], xs[0])
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def paired_ratios(num: list[float], den: list[float]) -> dict[str, float]:
+    """:func:`spread` of the per-round ratios num[i] / den[i] (each pair measured side by side)."""
+    if len(num) != len(den) or not num:
+        raise ValueError("paired_ratios needs two equally long, non-empty lists")
+    return spread([a / b for a, b in zip(num, den)])
+
+
+def rotated_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                   device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Like :func:`interleaved`, but round ``i`` starts at the ``i``-th function (A B C, B C A, C A B, ...), so no
+    variant always runs right after the same one (caches, allocator state, thermal drift). Seconds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now (Linux), MiB."""
+    return _proc_status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0: ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``), so RSS counts live memory only;
+    a no-op where glibc is not available."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process since start or the last :func:`reset_peak_rss`, MiB."""
+    return _proc_status_kib("VmHWM") / 1024
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -1,50 +1,82 @@
-"""Overhead of an LCNN: training step and eval forward of ``lcnnify(m)`` vs ``m``, measured side by side.
+"""Overhead of an LCNN over the plain model it was converted from, and where it comes from.
 
-    python benchmarks/overhead.py [--model resnet18] [--batch 64] [--size 64] [--repeats 15] [--device cpu]
+    python benchmarks/overhead.py            # timm resnet18 and mobilenetv3_small_100, batch 64, 64x64
+    python benchmarks/overhead.py --quick    # smoke run: resnet18, batch 8, 32x32, 3 rounds (prints only)
+    python benchmarks/overhead.py --models resnet18 --repeats 25 --threads 2
 
-Training step = forward + cross-entropy (+ curvature penalty for the LCNN) + backward + SGD step, with the
-paper's optimizer (momentum 0.9, weight decay 5e-4 except beta/gamma). Times are medians of interleaved runs
-(A B A B ...) in this one process; peak memory is measured per variant in a fresh subprocess (CPU: peak RSS
-(VmHWM) growth over model creation; CUDA: torch.cuda.max_memory_allocated). Writes benchmarks/overhead.json.
-Target (issue #2): LCNN training step <= 1.25x (the paper's implementation: 1.6x).
+For each model, the plain timm model ("original") and these conversions of it are measured:
+
+* ``lcnn``: ``lcnnify(model)`` (centered softplus + spectral norms + gamma-Lipschitz BN);
+* ``softplus only``: only the activations converted (``spectral_norm_conv/linear=False``,
+  ``lipschitz_batchnorm=False``);
+* ``spectral norm only``: only the conv/linear spectral norms (activations kept: ReLU and smooth ones);
+* ``Lipschitz BN only``: only the BatchNorms converted (activations kept, no spectral norms).
+
+Training step = forward + cross-entropy (+ curvature penalty for the conversions) + backward + SGD step with the
+paper's optimizer (momentum 0.9, weight decay 5e-4 except beta/gamma); eval forward = eval mode under no_grad.
+Times: rounds in which every variant runs once, the order rotating from round to round; a variant's ratio is
+taken per round against the original's time in the same round, and the table gives the median ratio with its
+quartiles [q1, q3] (all of them, with the range, in the JSON).
+
+Memory: each variant and mode in a fresh process (a process's peak RSS cannot be shared or undone). After
+building the model and one warm-up step (gradients, optimizer state and caches come into being), free heap
+pages are returned to the OS (``malloc_trim``) and the peak RSS (VmHWM) is reset to the resting RSS; then
+``--memory-steps`` steps run. ``peak`` is the process's peak RSS during them (runtime, weights, optimizer state
+included); ``incr.`` is peak minus the resting RSS (activations, gradients, temporaries). Training: every
+variant; eval forward: the original and the full LCNN. On CUDA: ``torch.cuda`` allocator counters instead.
+
+Writes ``overhead.json`` next to this script (``--out`` to change; ``--quick`` writes only with ``--out``).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, machine, median, table, write_json  # noqa: E402
+from _common import (machine, paired_ratios, peak_rss_mib, release_free_memory, reset_peak_rss,  # noqa: E402
+                     rotated_rounds, rss_mib, spread, table, write_json)
 
+#: activations left as they are: ReLU (by type) and every smooth one (by policy)
+KEEP_ACTIVATIONS: dict[str, Any] = dict(convert_types={nn.ReLU: "keep"}, smooth_activations="keep")
+NO_SPECTRAL_NORM: dict[str, Any] = dict(spectral_norm_conv=False, spectral_norm_linear=False)
 
-#: ablations for "where the time goes": which LCNN component is switched off
-ABLATIONS = {
-    "lcnn without spectral norms": dict(spectral_norm_conv=False, spectral_norm_linear=False),
-    "lcnn without centered softplus": dict(skip=(r"re:(.*\.)?act\d*",)),  # timm ResNet names its ReLUs act*
-    "lcnn without Lipschitz BN": dict(lipschitz_batchnorm=False),
+#: variant -> lcnnify overrides (None: the original model, not converted)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "original": None,
+    "lcnn": {},
+    "softplus only": dict(**NO_SPECTRAL_NORM, lipschitz_batchnorm=False),
+    "spectral norm only": dict(**KEEP_ACTIVATIONS, lipschitz_batchnorm=False),
+    "Lipschitz BN only": dict(**KEEP_ACTIVATIONS, **NO_SPECTRAL_NORM),
 }
+DEFAULT_MODELS = ("resnet18", "mobilenetv3_small_100")
 
 
-def build(name: str, lcnn: bool, size: int, device: torch.device, classes: int = 10, **overrides):
+def build(name: str, variant: str, size: int, device: torch.device, classes: int = 10):
+    """(model, optimizer, is_lcnn) for one variant; the same initial weights for every variant."""
     import timm
 
     from lcnnify import lcnnify, param_groups
 
     torch.manual_seed(0)
     m = timm.create_model(name, num_classes=classes).to(device)
-    if lcnn:
-        m = lcnnify(m, example_inputs=torch.randn(1, 3, size, size, device=device), **overrides)
+    overrides = VARIANTS[variant]
+    if overrides is not None:
+        m = lcnnify(m, example_inputs=torch.randn(2, 3, size, size, device=device), **overrides)
     opt = torch.optim.SGD(param_groups(m, 5e-4), lr=0.01, momentum=0.9)
-    return m, opt
+    return m, opt, overrides is not None
 
 
-def train_step_fn(m, opt, x, y, lcnn: bool):
-    def step():
+def train_step_fn(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lcnn: bool):
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(m(x), y)
         if lcnn:
@@ -54,83 +86,169 @@ def train_step_fn(m, opt, x, y, lcnn: bool):
     return step
 
 
-def eval_fn(m, x):
-    def fwd():
+def eval_fn(m: nn.Module, x: torch.Tensor):
+    def fwd() -> None:
         with torch.no_grad():
             m(x)
     return fwd
 
 
-def peak_memory(args, lcnn: bool) -> float:
-    """MiB of peak memory of 3 training steps of one variant, in a fresh process."""
-    code = f"""
-import torch, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from overhead import build, train_step_fn
-dev = torch.device({args.device!r})
-m, opt = build({args.model!r}, {lcnn}, {args.size}, dev)
-x = torch.randn({args.batch}, 3, {args.size}, {args.size}, device=dev); y = torch.randint(0, 10, ({args.batch},), device=dev)
-step = train_step_fn(m, opt, x, y, {lcnn})
-if dev.type == 'cuda':
-    torch.cuda.reset_peak_memory_stats(); step(); step(); step(); torch.cuda.synchronize()
-    print(torch.cuda.max_memory_allocated() / 2**20)
-else:
-    # VmHWM (peak RSS) is per address space: unlike ru_maxrss it is not inherited from the parent across exec
-    hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])
-    base = hwm()
-    step(); step(); step()
-    print((hwm() - base) / 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def _data(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    return x, torch.randint(0, 10, (batch,), generator=g).to(device)
+
+
+# ------------------------------------------------------------------------------------------ memory probe
+def memory_probe(model: str, variant: str, mode: str, batch: int, size: int, steps: int, device: str,
+                 threads: int) -> dict:
+    """Run in a fresh process: peak memory of one variant in ``mode`` "train" or "eval" (module docstring)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    m, opt, lcnn = build(model, variant, size, dev)
+    x, y = _data(batch, size, dev)
+    run = train_step_fn(m, opt, x, y, lcnn) if mode == "train" else eval_fn(m, x)
+    m.train(mode == "train")
+
+    def settle() -> float:  # memory in use now, after dropping what is free
+        if cuda:
+            torch.cuda.synchronize(dev)
+            return torch.cuda.memory_allocated(dev) / 2**20
+        release_free_memory()
+        return rss_mib()
+
+    model_mib = settle()  # the built model (and its input batch) before any step
+    run()  # warm-up: gradients, optimizer state, caches come into being
+    resting = settle()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        reset = True
+    else:
+        reset = reset_peak_rss()
+    for _ in range(steps):
+        run()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else peak_rss_mib()
+    return {"model_mib": model_mib, "resting_mib": resting, "peak_mib": peak, "increment_mib": peak - resting,
+            "peak_reset": reset}
+
+
+def measure_memory(args: argparse.Namespace, model: str, variant: str, mode: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(
+        dict(model=model, variant=variant, mode=mode, batch=args.batch, size=args.size, steps=args.memory_steps,
+             device=args.device, threads=args.threads))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {model}/{variant}/{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ one model
+def run_model(args: argparse.Namespace, name: str) -> dict:
+    dev = torch.device(args.device)
+    x, y = _data(args.batch, args.size, dev)
+    variants = [v for v in VARIANTS if args.breakdown or v in ("original", "lcnn")]
+    built = {v: build(name, v, args.size, dev) for v in variants}
+    for m, _, _ in built.values():
+        m.train()
+    t_train = rotated_rounds({v: train_step_fn(m, o, x, y, lc) for v, (m, o, lc) in built.items()},
+                             args.repeats, warmup=args.warmup, device=dev)
+    for m, o, _ in built.values():
+        o.zero_grad(set_to_none=True)
+        m.eval()
+    t_eval = rotated_rounds({v: eval_fn(m, x) for v, (m, _, _) in built.items()}, args.repeats,
+                            warmup=args.warmup, device=dev)
+    del built
+    gc.collect()
+    memory: dict[str, dict[str, dict]] = {}
+    if args.memory:  # training: every variant; eval: the original and the full LCNN
+        memory["train"] = {v: measure_memory(args, name, v, "train") for v in variants}
+        memory["eval"] = {v: measure_memory(args, name, v, "eval") for v in ("original", "lcnn")}
+    base = "original"
+    res: dict[str, Any] = {
+        "train_step_s": {v: spread(t) for v, t in t_train.items()},
+        "eval_forward_s": {v: spread(t) for v, t in t_eval.items()},
+        "memory_mib": memory,
+        "ratio": {
+            "train_step": {v: paired_ratios(t_train[v], t_train[base]) for v in variants if v != base},
+            "eval_forward": {v: paired_ratios(t_eval[v], t_eval[base]) for v in variants if v != base},
+        },
+        "raw_s": {"train_step": t_train, "eval_forward": t_eval},
+    }
+    for mode, per_variant in memory.items():
+        for key in ("peak", "increment"):
+            res["ratio"][f"{mode}_{key}_memory"] = {
+                v: r[f"{key}_mib"] / max(per_variant[base][f"{key}_mib"], 1e-9)
+                for v, r in per_variant.items() if v != base}
+    return res
+
+
+def _fmt(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]"
+
+
+def report(name: str, args: argparse.Namespace, res: dict) -> str:
+    variants = list(res["train_step_s"])
+    mem, ratio = res["memory_mib"], res["ratio"]
+    header = ["variant", "train step s", "x original", "eval fwd s", "x original"]
+    if mem:
+        header += ["train peak MiB", "x", "train incr. MiB", "x", "eval peak MiB", "x"]
+    rows = []
+    for v in variants:
+        orig = v == "original"
+        row = [v, f"{res['train_step_s'][v]['median']:.4f}", "1" if orig else _fmt(ratio["train_step"][v]),
+               f"{res['eval_forward_s'][v]['median']:.4f}", "1" if orig else _fmt(ratio["eval_forward"][v])]
+        if mem:
+            for mode, key in (("train", "peak"), ("train", "increment"), ("eval", "peak")):
+                r = mem[mode].get(v)
+                row += ["-", "-"] if r is None else [
+                    f"{r[key + '_mib']:.0f}", "1" if orig else f"{ratio[f'{mode}_{key}_memory'][v]:.3f}"]
+        rows.append(row)
+    title = (f"{name}, batch {args.batch}, {args.size}x{args.size}, {args.device}, {torch.get_num_threads()} threads: "
+             f"{args.repeats} rotated rounds; ratios per round vs the original: median [q1, q3]")
+    notes = ("memory: peak RSS of a fresh process over the timed steps; incr. = peak minus the resting RSS after "
+             "a warm-up step (activations, gradients, temporaries)") if mem else ""
+    return title + "\n" + table(header, rows) + ("\n" + notes if notes else "")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet18")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (every variant once per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps per memory probe")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
-    p.add_argument("--breakdown", action="store_true", help="also time LCNNs with one component switched off")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="only the original and the full LCNN")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
+    p.add_argument("--quick", action="store_true",
+                   help="resnet18, batch 8, 32x32, 3 rounds, original vs lcnn only, 1 memory step")
+    p.add_argument("--out", help="JSON output (default: overhead.json next to this script; --quick: none)")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args()
-    dev = torch.device(args.device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
-    y = torch.randint(0, 10, (args.batch,), device=dev)
-    base, opt_b = build(args.model, False, args.size, dev)
-    lc, opt_l = build(args.model, True, args.size, dev)
-    base.train(), lc.train()
-    fns = {"standard": train_step_fn(base, opt_b, x, y, False), "lcnn": train_step_fn(lc, opt_l, x, y, True)}
-    if args.breakdown:
-        for label, overrides in ABLATIONS.items():
-            m, o = build(args.model, True, args.size, dev, **overrides)
-            m.train()
-            fns[label] = train_step_fn(m, o, x, y, True)
-    t_train = interleaved(fns, args.repeats, device=dev)
-    base.eval(), lc.eval()
-    t_eval = interleaved({"standard": eval_fn(base, x), "lcnn": eval_fn(lc, x)}, args.repeats, device=dev)
-    mem = {"standard": peak_memory(args, False), "lcnn": peak_memory(args, True)}
-    res = {
-        "config": vars(args), "machine": machine(),
-        "train_step_s": {k: median(v) for k, v in t_train.items()},
-        "eval_forward_s": {k: median(v) for k, v in t_eval.items()},
-        "peak_memory_mib": mem,
-        "raw": {"train": t_train, "eval": t_eval},
-    }
-    res["ratio"] = {"train_step": res["train_step_s"]["lcnn"] / res["train_step_s"]["standard"],
-                    "eval_forward": res["eval_forward_s"]["lcnn"] / res["eval_forward_s"]["standard"],
-                    "peak_memory": mem["lcnn"] / max(mem["standard"], 1e-9)}
-    rows = [["train step (s)", res["train_step_s"]["standard"], res["train_step_s"]["lcnn"], res["ratio"]["train_step"]],
-            ["eval forward (s)", res["eval_forward_s"]["standard"], res["eval_forward_s"]["lcnn"], res["ratio"]["eval_forward"]],
-            ["peak memory (MiB)", mem["standard"], mem["lcnn"], res["ratio"]["peak_memory"]]]
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {dev}, {args.repeats} interleaved repeats (medians)")
-    print(table(["", "standard", "lcnnify", "ratio"], rows))
-    if args.breakdown:
-        std = res["train_step_s"]["standard"]
-        print("\nwhere the time goes (training step, ratio to standard):")
-        print(table(["variant", "s", "ratio"], [[k, v, v / std] for k, v in res["train_step_s"].items()]))
-    write_json(Path(args.out), res)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(**json.loads(args.memory_probe))))
+        return
+    if args.quick:
+        args.models, args.batch, args.size, args.repeats, args.warmup, args.memory_steps = (
+            ["resnet18"], 8, 32, 3, 1, 1)
+        args.breakdown = False
+    torch.set_num_threads(args.threads)
+    out = args.out or (None if args.quick else str(Path(__file__).with_suffix(".json")))
+    results = {}
+    for name in args.models:
+        results[name] = run_model(args, name)
+        print(report(name, args, results[name]), "\n", flush=True)
+    if out:
+        config = {k: v for k, v in vars(args).items() if k not in ("memory_probe", "out")}
+        write_json(Path(out), {"config": config, "machine": machine(), "variants": {
+            k: (None if v is None else {kk: (repr(vv) if kk == "convert_types" else vv) for kk, vv in v.items()})
+            for k, v in VARIANTS.items()}, "models": results})
 
 
 if __name__ == "__main__":
