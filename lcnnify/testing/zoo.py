@@ -5,7 +5,8 @@ Two lists:
 * the **family sweep** — one representative, the smallest by parameter count, of every timm model family that
   is a CNN (a family is a timm model module: ``timm.list_modules()``; families whose blocks mix tokens by
   self-attention, recurrence or token MLPs are excluded in :data:`TIMM_NOT_CNN`, each with its reason), and
-  every torchvision classification model that is a CNN (:data:`TORCHVISION_NOT_CNN` likewise). The choice is
+  likewise of every torchvision classification family (the module of the model builder:
+  ``torchvision.models.list_models(module=torchvision.models)``; :data:`TORCHVISION_NOT_CNN`). The choice is
   computed by :func:`select_representatives` and cached in :data:`FAMILY_REPRESENTATIVES`;
 * the **curated list** (:data:`TIMM_MODELS`, :data:`TORCHVISION_MODELS`): hand-picked variants that exercise
   layers a family's smallest member may not have (TF "SAME" padding, CondConv, MixedConv, NF weight
@@ -16,6 +17,7 @@ contract on what actually EXECUTES (see its docstring).
 """
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -293,7 +295,8 @@ def smallest_input_size(model: nn.Module, sizes: Iterable[int] = INPUT_SIZES) ->
 def select_representatives(progress: Callable[[str], None] | None = None) -> list[Representative]:
     """Compute the family sweep: for each CNN family (:func:`timm_families`), its smallest member by parameter
     count that runs no token mixing (:func:`token_mixing_ops`) and accepts one of :data:`INPUT_SIZES`; the
-    same for each torchvision CNN family (:func:`torchvision_families`). Builds every candidate on the meta device (about a minute)."""
+    same for each torchvision CNN family (:func:`torchvision_families`). Builds every candidate on the meta
+    device (a few minutes)."""
     out: list[Representative] = []
     for family, names in timm_families().items():
         sized = sorted((_count(f"timm:{n}"), n) for n in names)
@@ -594,8 +597,8 @@ def check_model(spec: str, size: int | None = None, batch: int = 8, steps: int =
         torch.manual_seed(0)
         make = factory or (lambda: create(spec, num_classes))
         model = make()
-        if size is None:
-            size = smallest_input_size(model)
+        if size is None:  # probed on a copy: a train-mode forward would update the original's statistics
+            size = smallest_input_size(_create_meta(spec) if factory is None else copy.deepcopy(model))
             if size is None:
                 raise ValueError(f"accepts none of the input sizes {INPUT_SIZES}")
         res.size = size
