@@ -12,7 +12,7 @@ what is measured) and reports medians over ``reps`` of
   the backward of a fixed random output-gradient R to the raw weights: the spectral norm's share of a step;
 * ``train_step``: forward + cross-entropy + curvature penalty + backward + SGD (momentum 0.9) of the whole LCNN.
 
-``--profile`` prints the torch.profiler table (self CPU time per op) of ``sn_only`` for this checkout.
+``--profile`` prints the torch.profiler table (self CPU time per op) of ``sn_only`` for both checkouts.
 Writes benchmarks/spectral_norm_step.json. Timing lives here, never in the tests.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"baseline": [], "this": []}
     for r in range(args.rounds):
         for name, root in (("baseline", args.baseline.resolve()), ("this", here)):
-            runs[name].append(run_worker(root, args, profile=args.profile and r == 0 and name == "this"))
+            runs[name].append(run_worker(root, args, profile=args.profile and r == 0))
             print(name, runs[name][-1], flush=True)
     summary = {}
     for key in ("sn_only", "train_step"):
