@@ -147,18 +147,16 @@ def _check_accepts(model: Any, spec: str, shape: Sequence[int]) -> None:
     does not fit the architecture (e.g. too small for its down-sampling)."""
     import torch
 
-    was = model.training
-    model.eval()
+    from ._utils import model_device, model_dtype, modes_preserved
+
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, device=next(iter(model.parameters())).device))
+        with modes_preserved(model, training=False), torch.no_grad():
+            model(torch.zeros(1, *shape, device=model_device(model), dtype=model_dtype(model)))
     except Exception as exc:  # noqa: BLE001 - any failure here means: this input size does not fit the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"{spec} does not accept inputs of size {' '.join(map(str, shape))} (C H W): "
                        f"{type(exc).__name__}: {first}. Use a larger --input-size / --image-size or the number of "
                        "channels the model expects.") from None
-    finally:
-        model.train(was)
 
 
 def _default_input_size(model: Any, spec: str) -> tuple[int, ...]:

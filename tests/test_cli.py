@@ -286,3 +286,22 @@ def test_unexpected_errors_still_show_a_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_convert", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["convert", "small_cnn"])
+
+
+def test_input_size_check_keeps_every_submodules_mode():
+    # the check runs the model once in eval mode; afterwards a BatchNorm the user froze with bn.eval() inside a
+    # training model is still frozen (model.train(was) would have put it back in train mode), and nothing else
+    # changed: modes, running statistics
+    from lcnnify.cli import _check_accepts
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(4)))
+    model.train()
+    model[1].eval()
+    model[3][0].eval()
+    before = [m.training for m in model.modules()]
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    _check_accepts(model, "custom", (3, 8, 8))
+    assert [m.training for m in model.modules()] == before
+    assert all(torch.equal(stats[k], v) for k, v in model.state_dict().items())
+    assert before == [True, True, False, True, True, False, True]  # the frozen layers really were frozen

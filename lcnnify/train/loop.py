@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
+from .._utils import model_device, modes_preserved
 from ..errors import LCNNWarning
 from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .methods import MethodSpec, get_method, has_lcnn_layers, prepare_model, train_step
@@ -71,10 +72,7 @@ def _example_batch(ds: Dataset) -> Tensor:
 
 
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    return torch.device(device) if device is not None else model_device(model)
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -86,19 +84,14 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 256, device: Any 
     """
     device = _resolve_device(model, device)
     loader = data if isinstance(data, DataLoader) else _loader(_as_dataset(data, "data"), batch_size, None)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     total, correct, loss = 0, 0, 0.0
-    try:
+    with modes_preserved(model, training=False):
         for batch in loader:
             xb, yb = batch[0].to(device), batch[1].to(device)
             logits = model(xb)
             loss += F.cross_entropy(logits, yb, reduction="sum").item()
             correct += (logits.argmax(1) == yb).sum().item()
             total += yb.shape[0]
-    finally:
-        for m, f in flags:
-            m.training = f
     if total == 0:
         raise ValueError("evaluate(): the data is empty")
     return {"loss": loss / total, "acc": correct / total}
