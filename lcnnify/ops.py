@@ -988,18 +988,20 @@ def module_voids(m: nn.Module, path: str, depth: int = 0) -> list[tuple[str, str
         return [] if why is None else [(path, type(m).__name__, why)]
     if depth > 8:
         return [(path, type(m).__name__, "submodule nesting too deep: not analysed")]
-    gm = m if isinstance(m, fx.GraphModule) else trace_module(m)
+    gm = m if isinstance(m, fx.GraphModule) else traced_or_none(m)
     if gm is None:
         return [(path, type(m).__name__, OPAQUE_MODULE)]
     return graph_voids(gm, f"{path}.", depth)
 
 
-def trace_module(m: nn.Module) -> fx.GraphModule | None:
-    """``m`` traced with lcnnify's tracer in eval mode, or None if it cannot be traced (or is its own leaf)."""
-    from .convert.trace import trace  # the tracer's leaves are read from this registry (lazy: no cycle)
+def traced_or_none(m: nn.Module) -> fx.GraphModule | None:
+    """``m`` traced with lcnnify's tracer in eval mode (:func:`lcnnify.convert.trace.trace_module`), or None if
+    it cannot be traced (or is its own leaf)."""
+    # imported here: the tracer reads its leaves from this registry, and lcnnify.convert imports this module
+    from .convert.trace import trace_module
 
     try:
-        gm = fx.GraphModule(m, trace(m, training=False), class_name=type(m).__name__)
+        gm = trace_module(m, training=False)
     except Exception:  # noqa: BLE001 - untraceable: opaque
         return None
     if any(n.op == "call_module" and gm.get_submodule(str(n.target)) is m for n in gm.graph.nodes):

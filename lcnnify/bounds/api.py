@@ -10,6 +10,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._utils import model_device, model_dtype, modes_preserved
+from ..convert.trace import trace_module
 from ..errors import MeasurementError
 from ..nn.spectral_norm import find_conv_spectral_norm
 from .propagate import BoundInterpreter, Context, ForwardFailed, static_reasons
@@ -53,13 +55,6 @@ def _normalize_shape(input_shape: Any) -> tuple[int, ...]:
     if not shape or any(s < 1 for s in shape):
         raise MeasurementError(f"bound(): input_shape must be non-empty positive ints, got {shape}")
     return shape
-
-
-def _first_param(model: nn.Module) -> torch.Tensor | None:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p
-    return None
 
 
 def _progress_bar(enabled: bool | None, total: int) -> Any:
@@ -126,41 +121,32 @@ def bound(model: nn.Module, input_shape: Any, *, certify: bool = True, dense_lim
         gm = model
     else:
         try:
-            from ..convert.trace import trace as _lcnn_trace
-            gm = fx.GraphModule(model, _lcnn_trace(model, training=False), class_name=type(model).__name__)
+            gm = trace_module(model, training=False)
         except Exception as e:  # noqa: BLE001 - untraceable model: no bound
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             return infinite([f"<root> [{type(model).__name__}]: torch.fx cannot trace the model's forward "
                              f"({type(e).__name__}: {msg}); its ops are not analysed"] + reasons)
 
-    p = _first_param(model)
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    example = example.to(dtype=p.dtype if p is not None else torch.float32,
-                         device=p.device if p is not None else "cpu")
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with _SNHooksOff(model):
-            if not full:
-                voids = static_reasons(gm)
-                if voids or reasons:
-                    _check_runs(gm, example, shape)
-                    return infinite(voids + reasons, (
-                        "an op voids the guarantee, so no operator norm was computed; bound(..., full=True) "
-                        "computes the finite Lipschitz bound and the per-node values anyway",), short=True)
-            bar = _progress_bar(progress, len(gm.graph.nodes))
-            ctx = Context(bool(certify), int(1 << 62) if exact else int(dense_limit), float(rtol),
-                          int(power_iterations), bar)
-            try:
-                out = BoundInterpreter(gm, ctx).analyse([example], [(1.0, 0.0)])
-            except ForwardFailed as e:
-                raise _shape_error(shape, e) from e
-            finally:
-                if bar is not None:
-                    bar.close()
-    finally:
-        for m, tr in modes.items():
-            m.training = tr
+    example = example.to(dtype=model_dtype(model), device=model_device(model))
+    with modes_preserved(model, training=False), _SNHooksOff(model):
+        if not full:
+            voids = static_reasons(gm)
+            if voids or reasons:
+                _check_runs(gm, example, shape)
+                return infinite(voids + reasons, (
+                    "an op voids the guarantee, so no operator norm was computed; bound(..., full=True) "
+                    "computes the finite Lipschitz bound and the per-node values anyway",), short=True)
+        bar = _progress_bar(progress, len(gm.graph.nodes))
+        ctx = Context(bool(certify), int(1 << 62) if exact else int(dense_limit), float(rtol),
+                      int(power_iterations), bar)
+        try:
+            out = BoundInterpreter(gm, ctx).analyse([example], [(1.0, 0.0)])
+        except ForwardFailed as e:
+            raise _shape_error(shape, e) from e
+        finally:
+            if bar is not None:
+                bar.close()
 
     if out is None:
         L, K = 0.0, 0.0

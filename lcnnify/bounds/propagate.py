@@ -118,7 +118,7 @@ def static_reasons(gm: fx.GraphModule, prefix: str = "", depth: int = 0) -> list
         v = ops.verdict(node, modules, dependent=lambda a: a in dep)
         if node.op == "call_module" and v.spec is None:
             m = modules[str(node.target)]
-            sub = m if isinstance(m, fx.GraphModule) else ops.trace_module(m)
+            sub = m if isinstance(m, fx.GraphModule) else ops.traced_or_none(m)
             if sub is None or depth >= 8:
                 out.append(f"{describe(node, modules, prefix)}: {ops.OPAQUE_MODULE}")
             else:
@@ -525,7 +525,7 @@ class BoundInterpreter(fx.Interpreter):
         if not isinstance(m, fx.GraphModule):
             if node.kwargs or any(isinstance(a, fx.Node) and a in self.state for a in node.args[1:]):
                 raise _Void(ops.OPAQUE_MODULE)
-        gm = m if isinstance(m, fx.GraphModule) else ops.trace_module(m)
+        gm = m if isinstance(m, fx.GraphModule) else ops.traced_or_none(m)
         if gm is None:
             raise _Void(ops.OPAQUE_MODULE)
         sub = BoundInterpreter(gm, self.ctx, prefix=f"{self.prefix}{node.name}/", depth=self.depth + 1)
