@@ -10,7 +10,10 @@ a per-channel beta. Runs are interleaved (A B C A B C ...) in one process; media
 reported, and ratios to ReLU are ratios of medians.
 
 The previous formula (kept here only as the comparison baseline) computed
-``relu(x) + log1p(expm1(-beta |x|) / 2) / beta`` and saved the input x for backward.
+``relu(x) + log1p(expm1(-beta |x|) / 2) / beta`` and saved the input x for backward. Its speed depends on
+torch's expm1/log1p, which on the machines measured here run either fast or ~10x slower, varying between
+processes and within one; the JSON records an expm1 probe at the start and end of each run, so compare the
+``previous`` rows only together with it. The new formula uses tanh/exp/log, whose speed did not vary.
 
 With ``--fused``, also the optional compiled kernels (``lcnnify.nn.fused_softplus``; scalar beta only, the
 per-channel rows then show the eager path again), in their own interleaved column ``fused``; the compile
@@ -91,7 +94,7 @@ def _fwd_bwd(act, x, g):
     return run
 
 
-def interleaved_cpu(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved_cpu(fns: dict, repeats: int, warmup: int = 4) -> dict[str, list[float]]:
     """Process CPU seconds of each fn, interleaved (A B C A B C ...) after ``warmup`` rounds.
 
     CPU time rather than wall time: the machines this runs on are shared, and CPU time of a single-threaded
@@ -117,6 +120,22 @@ def _with_fused(run):
         finally:
             fused_softplus.disable_fused_kernels()
     return fused_run
+
+
+def expm1_probe() -> dict:
+    """ns/element of torch.expm1 and torch.exp on 2^22 floats: this torch build's expm1/log1p (which the previous
+    formula uses) switch between a fast and a ~10x slower state from process to process and within a
+    process, so every run records which state it saw (at its start and at its end)."""
+    x = -(torch.randn(1 << 22) * 10).abs()
+    out = {}
+    for name, fn in (("expm1", torch.expm1), ("exp", torch.exp)):
+        ts = []
+        for _ in range(5):
+            t0 = time.process_time()
+            fn(x)
+            ts.append(time.process_time() - t0)
+        out[name] = statistics.median(ts) / x.numel() * 1e9
+    return out
 
 
 def saved_bytes_per_element(act, x) -> float:
@@ -152,6 +171,7 @@ def main() -> None:
     n = x.numel()
     relu = torch.nn.ReLU()
     results: dict[str, dict] = {}
+    probe = {"start": expm1_probe()}
     compile_s = None
     if args.fused:
         t0 = time.perf_counter()
@@ -180,6 +200,9 @@ def main() -> None:
             for k, s in st.items():
                 rows.append([label, phase, k, s["median_ns_per_element"], f"{s['q25']:.3g}-{s['q75']:.3g}",
                              s["ratio_to_relu"]])
+    probe["end"] = expm1_probe()
+    print("expm1 / exp ns per element at start and end:",
+          {k: {n: round(t, 2) for n, t in v.items()} for k, v in probe.items()})
     saved = {k: saved_bytes_per_element(a, x) for k, a in
              (("relu", relu), ("new", CenteredSoftplus(5.0)), ("previous", PreviousCenteredSoftplus(5.0)))}
     print("bytes kept for backward per element:", {k: round(v, 3) for k, v in saved.items()})
@@ -190,7 +213,7 @@ def main() -> None:
         print(f"fused kernels: compile + warm-up {compile_s:.1f} s (wall)")
     write_json(args.out, {"machine": machine(), "shape": list(SHAPE), "dtype": "float32",
                           "repeats": args.repeats, "clock": "process CPU time", "fused_compile_seconds": compile_s,
-                          "saved_bytes_per_element": saved,
+                          "saved_bytes_per_element": saved, "expm1_probe_ns": probe,
                           "results": results})
 
 

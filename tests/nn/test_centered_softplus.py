@@ -91,7 +91,7 @@ def _eval(x_list, beta, dtype, create_graph=False):
 
 def _assert_close(got, want, rtol, atol, what):
     err = (got - want).abs()
-    bad = err > atol + rtol * want.abs()
+    bad = ~(err <= atol + rtol * want.abs())  # NaN is bad too
     assert not bad.any(), (f"{what}: max rel err {(err / want.abs()).max().item():.3g}, e.g. got "
                            f"{got[bad][:3].tolist()} want {want[bad][:3].tolist()}")
 
