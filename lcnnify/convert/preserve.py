@@ -76,7 +76,7 @@ from .report import ConversionReport
 __all__ = ["Preservation", "preserve_function", "DEFAULT_TOLERANCE", "MAX_BETA", "GAMMA_MARGIN"]
 
 #: Default bound on the centered-softplus approximation error, relative to the rms of each activation's input.
-DEFAULT_TOLERANCE = 1e-3
+DEFAULT_TOLERANCE = 1e-4
 #: beta is capped here (the range in which the centered softplus is tested).
 MAX_BETA = 1e4
 #: gamma starts at (1 + GAMMA_MARGIN) times the gain L its BatchNorm must pass.
@@ -370,10 +370,11 @@ class _ScaleWalker(fx.Interpreter):
             d = module.channel_dim % x.dim()
             dims = [i for i in range(x.dim()) if i != d]
             rms = torch.sqrt(torch.mean(x * x, dim=dims))
-        beta = (math.log(2.0) / (self.tolerance * rms.clamp_min(1e-30))).clamp(min=self.beta0, max=MAX_BETA)
+        wanted = math.log(2.0) / (self.tolerance * rms.clamp_min(1e-30))
+        beta = wanted.clamp(min=self.beta0, max=MAX_BETA)
         module.log_beta.copy_(beta.log().to(module.log_beta.dtype).expand_as(module.log_beta))
         self.result.betas[self.paths.get(id(module), "?")] = float(beta.mean())
-        if bool((math.log(2.0) / beta > self.tolerance * rms).any()):  # the cap binds
+        if bool((wanted > MAX_BETA).any()):  # the cap binds
             path = self.paths.get(id(module), "?")
             self.result.coarse.append(path)
             self.result.remarks.append(
