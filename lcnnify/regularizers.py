@@ -17,16 +17,19 @@ logits, i.e. the post-softmax loss the paper measures).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, ContextManager
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lcnnify._utils import modes_preserved, redirect_later_readers
+from lcnnify.convert.trace import graph_module, trace_both_modes
 from lcnnify.errors import ConversionWarning
+from lcnnify.ops import inplace_source
 
 __all__ = [
     "gradient_norm_penalty",
@@ -47,19 +50,11 @@ REFERENCE_GRADREG_CONSTANT = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _mode(model: nn.Module, mode: str) -> Iterator[None]:
+def _mode(model: nn.Module, mode: str) -> ContextManager[nn.Module]:
     """Put ``model`` in ``mode`` ("eval" or "current") and restore every submodule's own flag afterwards."""
     if mode not in ("eval", "current"):
         raise ValueError(f"mode must be 'eval' or 'current', got {mode!r}")
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if mode == "eval":
-            model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return modes_preserved(model, training=False if mode == "eval" else None)
 
 
 def _per_sample_losses(loss_fn: LossFn, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -237,11 +232,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
 
 # ---------------------------------------------------------------------------------- softplus baseline
 _RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)
-_RELU_FUNCTIONS: dict[object, bool] = {  # target -> is in-place
-    F.relu: False, torch.relu: False, F.relu6: False, F.leaky_relu: False,
-    F.relu_: True, torch.relu_: True, F.leaky_relu_: True,
-}
-_RELU_METHODS: dict[str, bool] = {"relu": False, "relu_": True}
+_RELU_FUNCTIONS = frozenset({F.relu, torch.relu, F.relu6, F.leaky_relu, F.relu_, torch.relu_, F.leaky_relu_})
+_RELU_METHODS = frozenset({"relu", "relu_"})
 
 
 def _swap_relu_modules(model: nn.Module, beta: float, threshold: float) -> int:
@@ -254,12 +246,9 @@ def _swap_relu_modules(model: nn.Module, beta: float, threshold: float) -> int:
     return count
 
 
-def _node_is_inplace(node) -> bool:
-    if node.op == "call_function":
-        return _RELU_FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False)) or (
-            node.target in (F.relu, F.relu6) and len(node.args) > 1 and bool(node.args[1])) or (
-            node.target is F.leaky_relu and len(node.args) > 2 and bool(node.args[2]))
-    return _RELU_METHODS[node.target]
+def _is_relu_call(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _RELU_METHODS)
 
 
 def softplus_model(model: nn.Module, beta: float = 1e3, inplace: bool = False, *,
@@ -275,11 +264,15 @@ def softplus_model(model: nn.Module, beta: float = 1e3, inplace: bool = False, *
     Replaced: ``nn.ReLU``, ``nn.ReLU6`` and ``nn.LeakyReLU`` modules (ReLU6's clipping and LeakyReLU's slope are
     not kept: the baseline is plain softplus), and -- when the model traces with ``torch.fx`` -- the functional
     call sites ``F.relu``, ``torch.relu``, ``F.relu6``, ``F.leaky_relu``, their in-place variants and
-    ``x.relu()`` / ``x.relu_()``, each by its own ``nn.Softplus`` submodule named ``softplus_<node>``.
+    ``x.relu()`` / ``x.relu_()``, each by its own ``nn.Softplus`` submodule named ``softplus_<node>``. The model
+    is traced with lcnnify's tracer in train and in eval mode (:func:`lcnnify.convert.trace.trace_both_modes`):
+    dropout reading ``self.training`` keeps following the mode; modules the op registry knows as a unit
+    (dropout, drop-path, registered activations) are not traced into.
 
     Returns:
         A deep copy of the model of the same class if it has no functional ReLU calls; otherwise a
-        ``torch.fx.GraphModule`` (same parameter names). If the model does not trace, only the modules are
+        ``torch.fx.GraphModule`` (same module hierarchy and parameter names). If the model does not trace, or
+        its forward takes different paths in train and eval mode (auxiliary heads), only the modules are
         swapped and a :class:`~lcnnify.errors.ConversionWarning` says that functional calls (if any) were left.
         With ``inplace=True`` the modules are swapped in ``model`` itself (a GraphModule sharing its
         parameters is returned if functional calls had to be rewritten).
@@ -291,40 +284,40 @@ def softplus_model(model: nn.Module, beta: float = 1e3, inplace: bool = False, *
     m = model if inplace else copy.deepcopy(model)
     _swap_relu_modules(m, beta, threshold)
 
-    import torch.fx as fx
+    left = (f"only ReLU/ReLU6/LeakyReLU *modules* were replaced, functional relu calls inside forward() (if "
+            "any) were left as they are.")
     try:
-        gm = fx.symbolic_trace(m)
+        traced = trace_both_modes(m)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: module swap only
-        warnings.warn(
-            f"softplus_model: {type(model).__name__} could not be traced with torch.fx "
-            f"({type(exc).__name__}: {exc}); only ReLU/ReLU6/LeakyReLU *modules* were replaced, functional "
-            "relu calls inside forward() (if any) were left as they are.", ConversionWarning, stacklevel=2)
+        warnings.warn(f"softplus_model: {type(model).__name__} could not be traced with torch.fx "
+                      f"({type(exc).__name__}: {exc}); {left}", ConversionWarning, stacklevel=2)
+        return m
+    graph = traced.graph
+    if graph is None:  # one graph would bake one mode's branch (auxiliary heads) into the other mode
+        if any(_is_relu_call(n) for g in (traced.train, traced.eval) for n in g.nodes):
+            warnings.warn(f"softplus_model: the forward of {type(model).__name__} takes different paths in train "
+                          f"and eval mode; {left}", ConversionWarning, stacklevel=2)
         return m
 
-    graph = gm.graph
-    sites = [n for n in graph.nodes
-             if (n.op == "call_function" and n.target in _RELU_FUNCTIONS)
-             or (n.op == "call_method" and n.target in _RELU_METHODS)]
+    sites = [n for n in graph.nodes if _is_relu_call(n)]
     if not sites:
         return m
 
+    gm = graph_module(m, graph)
+    modules = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sites:
         inp = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-        inplace_op = _node_is_inplace(node)
+        src = inplace_source(node, modules)
         name = f"softplus_{node.name}"
         gm.add_submodule(name, nn.Softplus(beta=beta, threshold=threshold))
         with graph.inserting_after(node):
             new = graph.call_module(name, (inp,))
+        order[new] = order[node]
         node.replace_all_uses_with(new)
-        if inplace_op and isinstance(inp, fx.Node):
-            # The in-place op also changed its input: later readers of the input must read the softplus.
-            pos = order[node]
-            for user in list(inp.users):
-                if user is not new and order.get(user, -1) > pos:
-                    user.replace_input_with(inp, new)
+        if src is not None:  # the in-place op also changed its input: later readers must read the softplus
+            redirect_later_readers(src, new, order)
         graph.erase_node(node)
-        order = {n: i for i, n in enumerate(graph.nodes)}
     graph.lint()
     gm.recompile()
     return gm

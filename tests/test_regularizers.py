@@ -359,6 +359,65 @@ def test_softplus_model_inplace_swaps_in_the_given_model():
     assert out is net and isinstance(net[1], nn.Softplus)
 
 
+class DropoutHead(nn.Module):
+    """timm's forward_head: functional dropout that reads self.training, after a functional relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 64)
+        self.out = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        return self.out(F.dropout(h, p=0.5, training=self.training))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_softplus_model_dropout_follows_the_mode_it_runs_in(traced_in):
+    # a single trace would bake the mode the model had when converted: dropout always on (or always off)
+    torch.manual_seed(0)
+    net = DropoutHead().train(traced_in == "train")
+    sm = softplus_model(net, beta=4.0)
+    x = torch.randn(16, 4)
+    sm.eval()
+    expected = net.out(F.softplus(net.fc1(x), beta=4.0))
+    torch.testing.assert_close(sm(x), expected)  # eval: no dropout, deterministic
+    sm.train()
+    h = F.softplus(net.fc1(x), beta=4.0)
+    torch.manual_seed(1)
+    got = sm(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, net.out(F.dropout(h, p=0.5, training=True)))  # train: the same dropout mask
+    assert not torch.allclose(got, expected)
+
+
+class AuxHeadNet(nn.Module):
+    """GoogLeNet/Inception style: an auxiliary output only in train mode, functional relus."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.aux = nn.Linear(6, 3)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x), inplace=True)
+        if self.training:
+            return self.out(h), self.aux(h)
+        return self.out(h)
+
+
+def test_softplus_model_with_a_train_only_branch_keeps_both_modes_and_warns():
+    net = AuxHeadNet().train()
+    with pytest.warns(ConversionWarning, match="different paths in train and eval"):
+        sm = softplus_model(net, beta=5.0)
+    x = torch.randn(2, 4)
+    assert isinstance(sm.train()(x), tuple)
+    out = sm.eval()(x)
+    assert isinstance(out, torch.Tensor)  # not the train-mode branch baked into a graph
+    torch.testing.assert_close(out, net.out(F.relu(net.fc(x))))  # the functional relu was left (as warned)
+
+
 # ----------------------------------------------------------------------------- on an LCNN model
 @pytest.mark.parametrize("penalty", [gradient_norm_penalty, cure_penalty])
 def test_penalties_double_backprop_through_a_converted_lcnn(penalty):

@@ -38,7 +38,7 @@ from .. import ops
 from . import rules as R
 from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
-from .trace import bind_training_flags, compare_traces, graph_module, is_leaf, trace
+from .trace import graph_module, is_leaf, trace_both_modes
 
 _HARMLESS_LEAVES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd,
@@ -132,8 +132,7 @@ class Converter:
         (None, reason, culprit submodule path or None when the module's own forward is at fault)."""
         leaves = [module.get_submodule(p) for p in opaque]
         try:
-            g_train = trace(module, training=True, leaves=leaves)
-            g_eval = trace(module, training=False, leaves=leaves)
+            traced = trace_both_modes(module, leaves=leaves)
         except Exception as e:  # noqa: BLE001 - any tracing failure means fallback
             where, msg, culprit = _trace_failure(module, prefix, e)
             if not self.config.allow_fallback:
@@ -142,16 +141,14 @@ class Converter:
                     "data-dependent control flow), or pass allow_fallback=True to convert it module by module "
                     "(its own forward is then left as it is and reported).") from e
             return None, f"torch.fx cannot trace {where} ({msg})", culprit
-        cmp = compare_traces(g_train, g_eval)
-        if cmp.same and cmp.flags:
-            # the traces differ only in constant booleans equal to the training flag (F.dropout(x, p,
-            # training=self.training)): one graph whose flags read the owning module's `training` at run time
-            for node, owner in bind_training_flags(g_train, cmp.flags):
-                self.report.notes.append(
-                    f"'{_join(prefix, self._site_path(node))}' ({_site_name(node)}) reads "
-                    f"'{_join(prefix, owner) or '<root>'}'.training at run time (it follows the model's mode)")
-        if not cmp.same:
-            culprit = _divergence(cmp)
+        # where the traces differ only in constant booleans equal to the training flag (F.dropout(x, p,
+        # training=self.training)), one graph whose flags read the owning module's `training` at run time
+        for node, owner in traced.bound_flags:
+            self.report.notes.append(
+                f"'{_join(prefix, self._site_path(node))}' ({_site_name(node)}) reads "
+                f"'{_join(prefix, owner) or '<root>'}'.training at run time (it follows the model's mode)")
+        if traced.graph is None:
+            culprit = _divergence(traced.comparison)
             why = ("its forward takes different paths in train and eval mode (auxiliary heads or a module "
                    "reading self.training)")
             if not self.config.allow_fallback:
@@ -159,7 +156,7 @@ class Converter:
                     f"cannot convert '{_join(prefix, culprit or '') or '<root>'}': {why}. Fix: pass "
                     "allow_fallback=True to convert it module by module.")
             return None, why, culprit
-        return g_train, "", None
+        return traced.graph, "", None
 
     # ================================================================== graph route
     def _rewrite_graph(self, gm: fx.GraphModule, prefix: str) -> None:

@@ -223,3 +223,38 @@ def bind_training_flags(graph: fx.Graph, flags: Iterable[FlagArg]) -> list[tuple
             node.kwargs = {**node.kwargs, flag.key: readers[key]}
         done.append((node, owner))
     return done
+
+
+@dataclass(frozen=True)
+class ModeFreeTrace:
+    """The result of :func:`trace_both_modes`: the train-mode and eval-mode traces and how they relate.
+
+    ``graph``: the train-mode graph with every training-flag argument bound to ``<owner>.training``, so that it
+    runs correctly in both modes; None when the two traces differ otherwise (``comparison`` says where; ``train``
+    and ``eval`` are the two traces). ``bound_flags``: (call node, owner path) of each rewired flag argument.
+    """
+
+    comparison: TraceComparison
+    train: fx.Graph = field(repr=False)
+    eval: fx.Graph = field(repr=False)
+    bound_flags: tuple[tuple[fx.Node, str], ...] = ()
+
+    @property
+    def graph(self) -> fx.Graph | None:
+        return self.train if self.comparison.same else None
+
+
+def trace_both_modes(model: nn.Module, *, leaves: Iterable[nn.Module] = ()) -> ModeFreeTrace:
+    """Trace ``model`` in train and in eval mode and merge the two into one graph that serves both modes.
+
+    A single trace bakes the mode it was taken in into the graph (``F.dropout(x, p, training=self.training)``
+    becomes always-on or always-off; ``if self.training: return out, aux`` keeps one branch). The traces are
+    compared node by node (:func:`compare_traces`); when they differ only in constant booleans equal to the
+    training flag, those arguments are made to read the owning module's ``training`` at run time
+    (:func:`bind_training_flags`). Raises whatever the tracer raises on an untraceable forward."""
+    leaves = list(leaves)
+    g_train = trace(model, training=True, leaves=leaves)
+    g_eval = trace(model, training=False, leaves=leaves)
+    cmp = compare_traces(g_train, g_eval)
+    bound = tuple(bind_training_flags(g_train, cmp.flags)) if cmp.same else ()
+    return ModeFreeTrace(cmp, g_train, g_eval, bound)
