@@ -13,11 +13,10 @@ from lcnnify.metrics.curvature import (
     CurvatureStats,
     _check_curvature_args,
     _check_int,
-    _check_xy,
     _curvature_impl,
     _measurement_mode,
 )
-from lcnnify.metrics.robustness import DEFAULT_BATCH_SIZE, _num_batches, _progress, iter_batches
+from lcnnify.metrics.robustness import DEFAULT_BATCH_SIZE, _checked_batches
 
 __all__ = ["evaluate_geometry", "train_test_discrepancy"]
 
@@ -54,14 +53,8 @@ def evaluate_geometry(model: nn.Module, data: Any, *, iters: int = 20, eps: floa
     stats, correct = [], []
     seen = 0
     with _measurement_mode(model):
-        batches = iter_batches(data, batch_size=batch_size, fn=fn)
-        for xb, yb in _progress(batches, total=_num_batches(data, batch_size), desc="geometry",
-                                progress=progress):
-            if max_samples is not None and seen >= max_samples:
-                break
-            if max_samples is not None:
-                xb, yb = xb[: max_samples - seen], yb[: max_samples - seen]
-            xb, yb = _check_xy(model, xb, yb, fn=fn)
+        for xb, yb in _checked_batches(model, data, batch_size=batch_size, max_samples=max_samples, fn=fn,
+                                       desc="geometry", progress=progress):
             s, c = _curvature_impl(model, xb, yb, iters=iters, eps=eps, chunk_size=chunk_size, method=method,
                                    generator=generator, fn=fn)
             stats.append(s)

@@ -80,6 +80,22 @@ def _progress(it: Iterable, *, total: int | None, desc: str, progress: bool) -> 
     return tqdm(it, total=total, desc=desc, disable=not progress, leave=False)
 
 
+def _checked_batches(model: nn.Module, data: Any, *, batch_size: int, max_samples: int | None, fn: str,
+                     desc: str, progress: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """The ``(x, y)`` batches of ``data`` (:func:`iter_batches`) behind a progress bar, each checked against
+    the model (``_check_xy``: shapes, device, dtype) and cut so that at most ``max_samples`` are yielded."""
+    seen = 0
+    batches = iter_batches(data, batch_size=batch_size, fn=fn)
+    for xb, yb in _progress(batches, total=_num_batches(data, batch_size), desc=desc, progress=progress):
+        if max_samples is not None:
+            xb, yb = xb[: max_samples - seen], yb[: max_samples - seen]
+        xb, yb = _check_xy(model, xb, yb, fn=fn)
+        seen += xb.shape[0]
+        yield xb, yb
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
 # ---------------------------------------------------------------------------------------------------------
 # gradient robustness (Fig. 2)
 # ---------------------------------------------------------------------------------------------------------
@@ -271,14 +287,8 @@ def robust_accuracy(model: nn.Module, data: Any, eps_list: float | Iterable[floa
     correct = {e: 0 for e in eps_values}
     seen = 0
     with _measurement_mode(model):
-        batches = iter_batches(data, batch_size=batch_size, fn=fn)
-        for xb, yb in _progress(batches, total=_num_batches(data, batch_size), desc="robust accuracy",
-                                progress=progress):
-            if max_samples is not None and seen >= max_samples:
-                break
-            if max_samples is not None:
-                xb, yb = xb[: max_samples - seen], yb[: max_samples - seen]
-            xb, yb = _check_xy(model, xb, yb, fn=fn)
+        for xb, yb in _checked_batches(model, data, batch_size=batch_size, max_samples=max_samples, fn=fn,
+                                       desc="robust accuracy", progress=progress):
             _check_unit_range(xb, fn)
             for e in eps_values:
                 if e == 0.0 or (steps == 0 and not random_start):
