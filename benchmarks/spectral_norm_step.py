@@ -101,8 +101,8 @@ def main() -> None:
                             this_ms=statistics.median(t[key] for t in runs["this"]),
                             ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
         s = summary[key]
-        print(f"{key:10s}: baseline {s['baseline_ms']:.1f} ms, this {s['this_ms']:.1f} ms, ratio {s['ratio_median']:.3f} "
-              f"[{s['ratio_min']:.3f}, {s['ratio_max']:.3f}] over {args.rounds} paired rounds")
+        print(f"{key:10s}: baseline {s['baseline_ms']:.1f} ms, this {s['this_ms']:.1f} ms, "
+              f"ratio {s['ratio_median']:.3f} [{s['ratio_min']:.3f}, {s['ratio_max']:.3f}] over {args.rounds} rounds")
     out = dict(config=vars(args) | {"baseline": str(args.baseline)}, runs=runs, summary=summary)
     Path(__file__).with_suffix(".json").write_text(json.dumps(out, indent=2, default=str))
 

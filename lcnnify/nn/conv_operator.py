@@ -264,8 +264,8 @@ class ConvOperator:
         if w is None:
             w = torch.zeros(self.weight_shape, dtype=x.dtype, device=x.device)
         return torch.ops.aten.convolution_backward(
-            y.contiguous(), self._pad(x.contiguous()), w, None, list(self.stride), list(self.padding), list(self.dilation), False, [0] * self.nd,
-            self.groups, [False, True, False])[1]
+            y.contiguous(), self._pad(x.contiguous()), w, None, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0] * self.nd, self.groups, [False, True, False])[1]
 
     def __repr__(self) -> str:
         return f"ConvOperator({self.input_shape} -> {self.output_shape}, kind={self.kind})"

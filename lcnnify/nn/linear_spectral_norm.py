@@ -11,7 +11,6 @@ never more accurate than its last power iteration. Checkpoints written with torc
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize

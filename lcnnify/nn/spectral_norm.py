@@ -19,9 +19,10 @@ Modes.
   (G recomputed in backward: one batch-1 weight-gradient; no conv graph is kept).
 * **eval** (and ``lcnnify.freeze``): converged. Whenever the weight differs from the one last converged on
   (compared by value with ``torch.equal`` against a stored copy, so ``p.data.mul_()`` / ``copy_()`` /
-  ``load_state_dict`` cannot leave it stale), a Lanczos iteration warm-started from the stored ``v`` runs until
-  the Ritz residual of the top pair is <= ``eval_rtol`` times its Ritz value; the result is cached until the
-  weight changes. The converged vectors are kept in that cache, NOT written to ``u``/``v``: evaluating a model
+  ``load_state_dict`` cannot leave it stale), a Lanczos iteration (at least 15 steps) started from the stored
+  ``v`` plus an equal part of a fixed pseudo-random vector (a stale v can lack the new top direction almost
+  entirely) runs until the Ritz residual of the top pair is <= ``eval_rtol`` (1e-4) times its Ritz value; the
+  result is cached until the weight changes. The converged vectors are kept in that cache, NOT written to ``u``/``v``: evaluating a model
   never changes how it trains afterwards, nor its state_dict. The estimate still approaches ||A|| from below;
   the tolerance puts it within ~1e-5 relative in practice, so eval operator norms are 1 + O(1e-5).
 * **a new input shape** (convolutions; learned by a forward pre-hook or given at registration) re-initialises v
@@ -312,6 +313,7 @@ class SpectralNormBase(nn.Module):
         """Last estimate of ||A_W||_2 of the raw weight (detached scalar; NaN while the shape is unknown)."""
         return self._last_sigma
 
+    @torch.compiler.disable
     def reset(self, input_shape: Sequence[int], weight: Tensor) -> None:
         """Set the input shape, re-initialise v randomly and warm up u, v (at least ``warmup_iterations``
         Lanczos steps, no grad). Safe inside ``torch.inference_mode()``."""
@@ -385,6 +387,7 @@ class SpectralNormBase(nn.Module):
             self.v.copy_(v)
         return sigma, v, u
 
+    @torch.compiler.disable  # data-dependent (cache test, Lanczos stopping rule): runs eagerly under compile
     def _converged_state(self, op: LinearOperator, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eval: sigma, v, u converged for this weight (cached until the weight's value changes)."""
         c: _Converged | None = self.__dict__.get("_converged")

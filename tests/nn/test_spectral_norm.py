@@ -656,3 +656,23 @@ def test_torchvision_resnet18_eval_norms_are_converged_after_sgd_steps():
         else:
             s = torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
         assert s == pytest.approx(1.0, abs=1e-3), (name, s)
+
+
+@pytest.mark.slow
+def test_torch_compile_training_and_eval_match_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten(),
+                          nn.Linear(36, 3))
+    conv_spectral_norm(model[0], input_shape=(2, 8, 8))
+    conv_spectral_norm(model[2], input_shape=(4, 8, 8))
+    linear_spectral_norm(model[4])
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    x = torch.randn(4, 2, 8, 8)
+    for m in (ref, compiled):
+        m(x).square().sum().backward()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    ref.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-6)
