@@ -150,8 +150,8 @@ def cure_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, h: float
     penalty is ~ ``h**2 * mean ||H_i z_i||^2``. (A sample whose gradient is exactly zero gets ``z = 0``.)
 
     Scaling. The CURE paper trains on ``loss + gamma * L_r`` with ``L_r`` the *squared* norm above (gamma = 4
-    and h = 1.5 are the values usually quoted from it; the abstract in our seed material does not state them,
-    so treat them as unverified). The public reimplementation (F-Salehi/CURE_robustness, checked) uses
+    and h = 1.5 are the values usually quoted from it; they are not checked against the CURE paper here, so
+    treat them as unverified). The public reimplementation (F-Salehi/CURE_robustness, checked) uses
     ``lambda_ = 4``, but returns ``lambda_ * mean ||diff||`` (not squared) with ``z`` of length ``h`` and a
     step-length schedule whose default is ``h = 3``, all in eval mode. We return the paper's squared term,
     *unweighted*: multiply by the weight yourself (CURE: 4). Divide the weight by ``h**2`` if you want an

@@ -1,4 +1,4 @@
-"""lcnnify.bound: the data-free Lipschitz / curvature bound (DESIGN §5).
+"""lcnnify.bound: the data-free Lipschitz / curvature bound (paper §3.2, Theorem 1).
 
 The property tests build random small architectures, convert them, perturb them (random betas, gammas, BN
 statistics, a few training steps) and check bound >= measured, where "measured" uses EXACT Jacobians and

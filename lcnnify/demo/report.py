@@ -121,8 +121,7 @@ def _lower(ratio: float | None) -> str:
 
 
 #: A per-seed ratio must differ from 1 by this factor to count as an effect in that seed (smaller differences
-#: flip between CPU models: measured on the adversarial-training row, 1.22x higher on one CPU, 1.02-1.12x lower
-#: per seed on another).
+#: can flip between CPU models; docs/DEMO_RESULTS.md compares the findings on two).
 EFFECT_RATIO = 1.1
 #: A per-seed accuracy difference must be at least this many points to count (0.5 points = 2 of 450 images).
 EFFECT_POINTS = 0.5

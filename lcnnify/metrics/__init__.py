@@ -1,4 +1,4 @@
-"""Measurements of a classifier's input geometry and robustness (paper §3.1, §4, §5; DESIGN §4).
+"""Measurements of a classifier's input geometry and robustness (paper §3.1, §4, §5).
 
 Works on any ``nn.Module`` classifier (inputs -> logits); never imports ``lcnnify.convert``. Every function
 measures in eval mode and restores the model's modes and its parameters' ``requires_grad`` / ``.grad``.
