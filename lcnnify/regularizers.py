@@ -210,24 +210,10 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         raise ValueError(f"eps must be >= 0, got {eps}")
     from lcnnify.metrics.robustness import pgd_l2  # lazy: metrics is optional for the rest of this module
 
-    x = x.detach()
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with _mode(model, "eval"):
-            x_adv = pgd_l2(model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
-                           generator=generator)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-    x_adv = x_adv.detach()
-    # Safety net (a no-op for a correct attack): project back onto the eps-ball.
-    delta = x_adv - x
-    norms = delta.reshape(delta.shape[0], -1).norm(dim=1)
-    factor = torch.where(norms > eps, eps / norms.clamp_min(1e-30), torch.ones_like(norms))
-    return (x + delta * factor.view(-1, *([1] * (x.dim() - 1)))).detach()
+    # pgd_l2 attacks in eval mode with the parameters' requires_grad off, restores both, and projects onto the
+    # eps-ball and the [0, 1] box
+    return pgd_l2(model, x.detach(), y, eps, steps=steps, step_size=step_size, random_start=random_start,
+                  generator=generator).detach()
 
 
 # ---------------------------------------------------------------------------------- softplus baseline

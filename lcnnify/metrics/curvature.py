@@ -60,10 +60,6 @@ _METHODS = ("lanczos", "power")
 # ---------------------------------------------------------------------------------------------------------
 # shared helpers (also used by robustness.py and geometry.py)
 # ---------------------------------------------------------------------------------------------------------
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    return model_device(model, default=fallback)
-
-
 @contextlib.contextmanager
 def _measurement_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients, autograd on; everything restored afterwards.
@@ -148,7 +144,7 @@ def _check_xy(model: nn.Module, x: Any, y: Any, *, fn: str) -> tuple[Tensor, Ten
                                f"{'...' if int(bad.sum()) > 10 else ''})")
     if int(y.min()) < 0:
         raise MeasurementError(f"lcnnify.metrics.{fn}: labels must be >= 0, got min label {int(y.min())}")
-    device = _model_device(model, x.device)
+    device = model_device(model, default=x.device)
     return x.detach().to(device), y.detach().to(device=device, dtype=torch.long)
 
 
