@@ -38,7 +38,7 @@ from .. import ops
 from . import rules as R
 from .adapters import adapter_for
 from .report import ConversionReport, Converted, Fallback, Left
-from .trace import graph_module, is_leaf, trace_both_modes
+from .trace import call_owner, graph_module, is_leaf, trace_both_modes
 
 _HARMLESS_LEAVES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd,
@@ -210,7 +210,7 @@ class Converter:
                     if new is not None and new is not module:
                         self._install(gm, target, new)
             else:  # functional or method activation call site
-                parent = self._site_parent(node)
+                parent = call_owner(node)
                 base = rule.name.split(".")[-1].rstrip("_")
                 name = self._fresh_name(gm, _join(parent, base))
                 new = self._factories[rule.family](None, _join(prefix, name), node)
@@ -424,18 +424,10 @@ class Converter:
         return None
 
     # ================================================================== naming helpers
-    @staticmethod
-    def _site_parent(node: fx.Node) -> str:
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return ""
-        path = list(stack.values())[-1][0]
-        return path if isinstance(path, str) else ""
-
     def _site_path(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return str(node.target)
-        return _join(self._site_parent(node), node.name)
+        return _join(call_owner(node), node.name)
 
     @staticmethod
     def _fresh_name(gm: fx.GraphModule, name: str) -> str:

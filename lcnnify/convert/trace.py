@@ -186,9 +186,10 @@ def compare_traces(g_train: fx.Graph, g_eval: fx.Graph) -> TraceComparison:
     return TraceComparison(True, tuple(flags), nodes=pairs)
 
 
-def flag_owner(node: fx.Node) -> str:
+def call_owner(node: fx.Node) -> str:
     """Path (relative to the traced root, "" for the root) of the module whose forward made the call ``node``:
-    the innermost entry of fx's ``nn_module_stack``."""
+    the innermost entry of fx's ``nn_module_stack``. It owns the training flag the call reads, and the
+    conversion names a functional call site's new module under it."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -199,7 +200,7 @@ def flag_owner(node: fx.Node) -> str:
 def bind_training_flags(graph: fx.Graph, flags: Iterable[FlagArg]) -> list[tuple[fx.Node, str]]:
     """Make every flag argument of ``graph`` (the train-mode trace) read ``<owner>.training`` at run time.
 
-    The owner is the module whose forward made the call (:func:`flag_owner`): what ``self.training`` meant in
+    The owner is the module whose forward made the call (:func:`call_owner`): what ``self.training`` meant in
     the source. One ``get_attr`` node per owner reads the flag (``operator.not_`` of it for a negated flag).
     Returns (node, owner path) for each rewired call."""
     nodes = list(graph.nodes)
@@ -207,7 +208,7 @@ def bind_training_flags(graph: fx.Graph, flags: Iterable[FlagArg]) -> list[tuple
     done: list[tuple[fx.Node, str]] = []
     for flag in flags:
         node = nodes[flag.index]
-        owner = flag_owner(node)
+        owner = call_owner(node)
         key = (owner, flag.negated)
         if key not in readers:
             with graph.inserting_before(node):
