@@ -35,6 +35,7 @@ Users add their own activations::
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import operator
@@ -54,7 +55,7 @@ from .nn.lipschitz_batchnorm import LipschitzBatchNorm
 __all__ = ["Family", "Inplace", "Constants", "OpSpec", "Call", "Verdict", "register", "register_activation",
            "unregister", "registry", "spec_for_module", "spec_for_function", "spec_for_method", "lookup",
            "verdict", "is_inplace", "inplace_source", "activation_constants", "UNKNOWN_OP", "OPAQUE_MODULE",
-           "graph_voids", "module_voids"]
+           "graph_voids", "module_voids", "dropout_types"]
 
 INF = math.inf
 UNKNOWN_OP = "unknown op: not analysed"
@@ -368,7 +369,7 @@ def _bn_voids(call: Call) -> str | None:
         why = spec.void_reason(Call("call_module", type(act), module=act, spec=spec))
         if why is not None:
             return f"act ({type(act).__name__}): {why}"
-    if isinstance(drop, nn.Module) and not isinstance(drop, (nn.Identity,) + _dropout_types()):
+    if isinstance(drop, nn.Module) and not isinstance(drop, (nn.Identity,) + dropout_types()):
         return f"fused BN drop {type(drop).__name__}: {UNKNOWN_OP}"
     return None
 
@@ -403,32 +404,30 @@ _SHAPE_ONLY_SECOND = {"expand_as", "view_as", "reshape_as", "type_as", "to"}
 # optional third-party types (resolved once, lazily: neither timm nor torchvision is required)
 
 
-def _timm(*names: str) -> tuple[type, ...]:
+def _optional(module: str, *names: str) -> tuple[type, ...]:
+    """The types ``names`` of an optional package's ``module`` that exist in the installed version."""
     try:
-        import timm.layers as tl
-    except Exception:  # noqa: BLE001 - timm is optional
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - timm and torchvision are optional
         return ()
-    return tuple(getattr(tl, n) for n in names if hasattr(tl, n))
+    return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+
+
+def _timm(*names: str) -> tuple[type, ...]:
+    return _optional("timm.layers", *names)
 
 
 def _timm_me(*names: str) -> tuple[type, ...]:
     """timm's memory-efficient activation variants (same functions, custom autograd)."""
-    try:
-        import timm.layers.activations_me as me
-    except Exception:  # noqa: BLE001 - timm is optional
-        return ()
-    return tuple(getattr(me, n) for n in names if hasattr(me, n))
+    return _optional("timm.layers.activations_me", *names)
 
 
 def _torchvision(*names: str) -> tuple[type, ...]:
-    try:
-        import torchvision.ops as tvo
-    except Exception:  # noqa: BLE001 - torchvision is optional
-        return ()
-    return tuple(getattr(tvo, n) for n in names if hasattr(tvo, n))
+    return _optional("torchvision.ops", *names)
 
 
-def _dropout_types() -> tuple[type, ...]:
+def dropout_types() -> tuple[type, ...]:
+    """Dropout, drop-path and stochastic-depth module types (their forward reads ``self.training``)."""
     return (nn.modules.dropout._DropoutNd,) + _timm("DropPath", "DropBlock2d") + _torchvision("StochasticDepth")
 
 
@@ -624,7 +623,7 @@ def _builtin_specs() -> list[OpSpec]:
             "cpu", "cuda"), voids=_single_input_voids, propagate="nonneg"),
         OpSpec("detach", ST, methods=("detach", "detach_", "requires_grad_"), functions=(torch.detach,),
                propagate="identity"),
-        OpSpec("dropout", ST, _dropout_types(), propagate="dropout"),
+        OpSpec("dropout", ST, dropout_types(), propagate="dropout"),
         OpSpec("F.dropout", ST, functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                                            F.feature_alpha_dropout), params=("input", "p", "training", "inplace"),
                inplace=ARG, inplace_index=3, propagate="f_dropout"),

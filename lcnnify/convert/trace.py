@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import torch.fx as fx
 from torch import nn
 
+from .. import ops
 from .._utils import modes_preserved
 from .rules import is_rule_leaf
 
@@ -42,30 +43,13 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return mods, fns
 
 
-def _dropout_like() -> tuple[type, ...]:
-    types: list[type] = [nn.modules.dropout._DropoutNd]
-    try:
-        from timm.layers import DropBlock2d, DropPath
-
-        types += [DropPath, DropBlock2d]
-    except Exception:
-        pass
-    try:
-        from torchvision.ops import StochasticDepth
-
-        types.append(StochasticDepth)
-    except Exception:
-        pass
-    return tuple(types)
-
-
 class LCNNTracer(fx.Tracer):
     """An ``fx.Tracer`` whose leaves are the layers lcnnify converts or reports (see module docstring)."""
 
     def __init__(self, extra_leaves: Iterable[type] = (), leaf_ids: Iterable[int] = ()) -> None:
         notrace_mods, notrace_fns = _timm_notrace()
         super().__init__(autowrap_modules=(math,), autowrap_functions=notrace_fns, param_shapes_constant=True)
-        self._leaves = tuple(notrace_mods) + _dropout_like() + tuple(extra_leaves)
+        self._leaves = tuple(notrace_mods) + ops.dropout_types() + tuple(extra_leaves)
         self._leaf_ids = frozenset(leaf_ids)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
