@@ -41,7 +41,7 @@ import math
 import operator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 import torch.fx as fx
@@ -55,11 +55,12 @@ from .nn.lipschitz_batchnorm import LipschitzBatchNorm
 __all__ = ["Family", "Inplace", "Constants", "OpSpec", "Call", "Verdict", "register", "register_activation",
            "unregister", "registry", "spec_for_module", "spec_for_function", "spec_for_method", "lookup",
            "verdict", "is_inplace", "inplace_source", "activation_constants", "UNKNOWN_OP", "OPAQUE_MODULE",
-           "graph_voids", "module_voids", "dropout_types"]
+           "void_sites", "graph_voids", "module_voids", "dropout_types"]
 
 INF = math.inf
 UNKNOWN_OP = "unknown op: not analysed"
 OPAQUE_MODULE = "opaque module (torch.fx cannot trace into it): not analysed"
+TOO_DEEP = "submodule nesting too deep: not analysed"
 KINK = "not differentiable at its kink: curvature unbounded"
 
 
@@ -960,33 +961,49 @@ def dependent_nodes(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.No
     return out
 
 
-def graph_voids(gm: fx.GraphModule, prefix: str = "", depth: int = 0) -> list[tuple[str, str, str]]:
-    """``(path, op, reason)`` of every node of ``gm`` that voids the guarantee, recursing into GraphModule and
-    traceable unregistered submodules (as the bound does)."""
+def void_sites(gm: fx.GraphModule, depth: int = 0
+               ) -> Iterator[tuple[tuple[fx.Node, ...], dict[str, nn.Module], str, str]]:
+    """Every call in ``gm`` that voids the guarantee, found from the registry alone (no forward), recursing into
+    GraphModule and traceable unregistered submodules (at most 8 levels deep).
+
+    Yields ``(nodes, modules, op, reason)``: ``nodes`` the ``call_module`` nodes leading into the submodule
+    that holds the site, then the site's own node; ``modules`` the submodules of the graph that holds it;
+    ``op`` a readable name of its op. The report (:func:`graph_voids`) and the bound's pre-check walk this."""
     modules = dict(gm.named_modules())
     dep = dependent_nodes(gm.graph, modules)
-    out: list[tuple[str, str, str]] = []
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or node not in dep:
             continue
         v = verdict(node, modules, dependent=lambda a: a in dep)
-        path = f"{prefix}{node.target if node.op == 'call_module' else node.name}"
         if node.op == "call_module" and v.spec is None:
-            out += module_voids(modules[str(node.target)], path, depth + 1)
+            m = modules[str(node.target)]
+            sub = None if depth >= 8 else m if isinstance(m, fx.GraphModule) else traced_or_none(m)
+            if sub is None:
+                yield (node,), modules, type(m).__name__, (TOO_DEEP if depth >= 8 else OPAQUE_MODULE)
+                continue
+            for nodes, mods, op, why in void_sites(sub, depth + 1):
+                yield (node, *nodes), mods, op, why
         elif v.reason is not None:
-            out.append((path, v.name, v.reason))
-    return out
+            yield (node,), modules, v.name, v.reason
+
+
+def graph_voids(gm: fx.GraphModule, prefix: str = "", depth: int = 0) -> list[tuple[str, str, str]]:
+    """``(path, op, reason)`` of every node of ``gm`` that voids the guarantee (:func:`void_sites`); ``path``
+    is the dotted module path, ending in the node's name for a functional call."""
+    return [(prefix + ".".join(str(n.target) if n.op == "call_module" else n.name for n in nodes), op, why)
+            for nodes, _, op, why in void_sites(gm, depth)]
 
 
 def module_voids(m: nn.Module, path: str, depth: int = 0) -> list[tuple[str, str, str]]:
-    """``(path, op, reason)`` of what voids the guarantee inside an unregistered module: it is traced (eval
-    mode) and its graph walked; a module that cannot be traced is :data:`OPAQUE_MODULE`."""
+    """``(path, op, reason)`` of what voids the guarantee inside module ``m``: its registry entry's verdict, or,
+    for an unregistered module, what :func:`graph_voids` finds in its eval-mode trace; a module that cannot be
+    traced is :data:`OPAQUE_MODULE`."""
     spec = spec_for_module(m)
     if spec is not None:
         why = spec.void_reason(Call("call_module", type(m), module=m, spec=spec))
         return [] if why is None else [(path, type(m).__name__, why)]
     if depth > 8:
-        return [(path, type(m).__name__, "submodule nesting too deep: not analysed")]
+        return [(path, type(m).__name__, TOO_DEEP)]
     gm = m if isinstance(m, fx.GraphModule) else traced_or_none(m)
     if gm is None:
         return [(path, type(m).__name__, OPAQUE_MODULE)]

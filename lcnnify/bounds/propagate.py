@@ -108,24 +108,10 @@ def describe(node: fx.Node, modules: dict[str, nn.Module], prefix: str = "") -> 
 
 def static_reasons(gm: fx.GraphModule, prefix: str = "", depth: int = 0) -> list[str]:
     """Why the bound of ``gm`` is void, from the op registry alone (no forward, no operator norm): the nodes
-    whose op voids the guarantee, as the report lists them. Empty when nothing voids."""
-    modules = dict(gm.named_modules())
-    dep = ops.dependent_nodes(gm.graph, modules)
-    out: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or node not in dep:
-            continue
-        v = ops.verdict(node, modules, dependent=lambda a: a in dep)
-        if node.op == "call_module" and v.spec is None:
-            m = modules[str(node.target)]
-            sub = m if isinstance(m, fx.GraphModule) else ops.traced_or_none(m)
-            if sub is None or depth >= 8:
-                out.append(f"{describe(node, modules, prefix)}: {ops.OPAQUE_MODULE}")
-            else:
-                out += static_reasons(sub, f"{prefix}{node.name}/", depth + 1)
-        elif v.reason is not None:
-            out.append(f"{describe(node, modules, prefix)}: {v.reason}")
-    return out
+    whose op voids the guarantee (:func:`lcnnify.ops.void_sites`, the walk the report makes), each described
+    as the propagation describes it. Empty when nothing voids."""
+    return [f"{describe(nodes[-1], modules, prefix + ''.join(f'{n.name}/' for n in nodes[:-1]))}: {why}"
+            for nodes, modules, _, why in ops.void_sites(gm, depth)]
 
 
 class BoundInterpreter(fx.Interpreter):
@@ -521,7 +507,7 @@ class BoundInterpreter(fx.Interpreter):
     def _submodule(self, node: fx.Node) -> tuple[float, float] | None:
         m = self.modules[str(node.target)]
         if self.depth >= 8:
-            raise _Void("submodule nesting too deep: not analysed")
+            raise _Void(ops.TOO_DEEP)
         if not isinstance(m, fx.GraphModule):
             if node.kwargs or any(isinstance(a, fx.Node) and a in self.state for a in node.args[1:]):
                 raise _Void(ops.OPAQUE_MODULE)
