@@ -15,8 +15,9 @@ training run and its measurements), :mod:`~lcnnify.demo.runner` (worker processe
 Outputs (``--out``, default ``runs/demo``): ``results.json`` (every number, per run and aggregated, with the
 machine, date and settings), ``results.md``, ``fig1_two_moons.png`` and ``fig2_gradient_robustness.png``.
 
-Why 8x8 and not upsampled: the double-backward methods (GradReg, CURE) and the Hessian measurements cost ~4x
-more at 16x16 and the whole demo must run in a few minutes on 2 CPU cores; upsampling adds no information.
+Why 8x8 and not upsampled: the cost of the double-backward methods (GradReg, CURE) and of the Hessian
+measurements grows with the number of pixels (4x at 16x16), the whole demo must run in a few minutes on 2 CPU
+cores, and upsampling adds no information.
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def _job_units(cfg: DemoConfig, job: tuple[str, str, int]) -> int:
     return 1 if job[0] == "moons" else cfg.epochs + 2
 
 
-# Rough relative cost per epoch (measured on CPU), to start the most expensive runs first.
+# Rough relative cost per epoch of each method on a CPU (a scheduling hint): the most expensive runs start first.
 _COST = {"cure": 8, "adversarial": 4, "lcnn+gradreg": 4, "gradreg": 3, "lcnn": 2.5, "standard": 1,
          "softplus+wd": 1}
 
