@@ -61,24 +61,29 @@ def paired_ratios(num: list[float], den: list[float]) -> dict[str, float]:
 
 
 def rotated_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                   device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+                   device: torch.device = torch.device("cpu")) -> dict[str, dict[str, list[float]]]:
     """Like :func:`interleaved`, but round ``i`` starts at the ``i``-th function (A B C, B C A, C A B, ...), so no
-    variant always runs right after the same one (caches, allocator state, thermal drift). Seconds."""
+    variant always runs right after the same one (caches, allocator state, thermal drift).
+
+    Returns ``{"wall": {name: seconds}, "cpu": {name: seconds}}``: wall-clock time, and the CPU time of this
+    process (all its threads; on a shared machine it leaves out the time spent waiting for a core)."""
     names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
 
 
 def _proc_status_kib(field: str) -> int:

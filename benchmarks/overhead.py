@@ -16,7 +16,9 @@ Training step = forward + cross-entropy (+ curvature penalty for the conversions
 paper's optimizer (momentum 0.9, weight decay 5e-4 except beta/gamma); eval forward = eval mode under no_grad.
 Times: rounds in which every variant runs once, the order rotating from round to round; a variant's ratio is
 taken per round against the original's time in the same round, and the table gives the median ratio with its
-quartiles [q1, q3] (all of them, with the range, in the JSON).
+quartiles [q1, q3] (all of them, with the range, in the JSON). Both clocks are recorded: wall time and the
+process's CPU time; ``--clock cpu`` puts the CPU-time ratios in the table, the robust choice on a machine
+shared with other jobs (with ``--threads 1`` CPU time is the work done, unaffected by waiting for a core).
 
 Memory: each variant and mode in a fresh process (a process's peak RSS cannot be shared or undone). After
 building the model and one warm-up step (gradients, optimizer state and caches come into being), free heap
@@ -167,16 +169,14 @@ def run_model(args: argparse.Namespace, name: str) -> dict:
         memory["train"] = {v: measure_memory(args, name, v, "train") for v in variants}
         memory["eval"] = {v: measure_memory(args, name, v, "eval") for v in ("original", "lcnn")}
     base = "original"
-    res: dict[str, Any] = {
-        "train_step_s": {v: spread(t) for v, t in t_train.items()},
-        "eval_forward_s": {v: spread(t) for v, t in t_eval.items()},
-        "memory_mib": memory,
-        "ratio": {
-            "train_step": {v: paired_ratios(t_train[v], t_train[base]) for v in variants if v != base},
-            "eval_forward": {v: paired_ratios(t_eval[v], t_eval[base]) for v in variants if v != base},
-        },
-        "raw_s": {"train_step": t_train, "eval_forward": t_eval},
-    }
+    res: dict[str, Any] = {"clock": args.clock, "memory_mib": memory, "ratio": {}, "raw_s": {}}
+    for what, times in (("train_step", t_train), ("eval_forward", t_eval)):
+        for clock, per_variant in times.items():
+            suffix = "" if clock == args.clock else f"_{clock}"
+            res[f"{what}_s{suffix}"] = {v: spread(t) for v, t in per_variant.items()}
+            res["ratio"][what + suffix] = {v: paired_ratios(per_variant[v], per_variant[base])
+                                           for v in variants if v != base}
+            res["raw_s"][f"{what}_{clock}"] = per_variant
     for mode, per_variant in memory.items():
         for key in ("peak", "increment"):
             res["ratio"][f"{mode}_{key}_memory"] = {
@@ -207,7 +207,7 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
                     f"{r[key + '_mib']:.0f}", "1" if orig else f"{ratio[f'{mode}_{key}_memory'][v]:.3f}"]
         rows.append(row)
     title = (f"{name}, batch {args.batch}, {args.size}x{args.size}, {args.device}, {torch.get_num_threads()} threads: "
-             f"{args.repeats} rotated rounds; ratios per round vs the original: median [q1, q3]")
+             f"{args.repeats} rotated rounds, {args.clock} time; ratios per round vs the original: median [q1, q3]")
     notes = ("memory: peak RSS of a fresh process over the timed steps; incr. = peak minus the resting RSS after "
              "a warm-up step (activations, gradients, temporaries)") if mem else ""
     return title + "\n" + table(header, rows) + ("\n" + notes if notes else "")
@@ -223,6 +223,8 @@ def main() -> None:
     p.add_argument("--memory-steps", type=int, default=3, help="steps per memory probe")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="which time the table shows (both are in the JSON); cpu: process CPU time")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="only the original and the full LCNN")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
