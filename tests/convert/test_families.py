@@ -16,7 +16,8 @@ from lcnnify import lcnnify
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm, find_conv_spectral_norm
 from lcnnify.testing.models import TinyCNN
 from lcnnify.testing.zoo import (FAMILY_REPRESENTATIVES, TIMM_NOT_CNN, TORCHVISION_NOT_CNN, _count, _create_meta,
-                                 below_sigma_floor, check_model, execution_problems, operator_norms,
+                                 below_sigma_floor, check_model, execution_problems, lanczos_operator_norm,
+                                 operator_norms,
                                  select_representatives, timm_families, token_mixing_ops, torchvision_families)
 
 timm = pytest.importorskip("timm")
@@ -167,6 +168,21 @@ def test_operator_norms_equal_the_dense_operator_norm():
     dense = F.conv2d(basis, w, None, conv.stride, conv.padding, conv.dilation, conv.groups).flatten(1)
     expected = float(torch.linalg.matrix_norm(dense, 2))
     assert operator_norms(lc)[path] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lanczos_operator_norm_matches_the_circular_convolution_closed_form(seed):
+    # circular padding, stride 1: A is block-circulant, ||A|| = max over frequencies of ||K^(w)||_2 (an FFT)
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular", bias=True).double()
+    shape = (4, 24, 24)  # 2304 entries: the Lanczos path, not the dense one
+    k = torch.zeros(6, 4, 24, 24, dtype=torch.float64)
+    k[..., :3, :3] = conv.weight.detach()
+    symbols = torch.fft.fft2(k).permute(2, 3, 0, 1)  # (24, 24, out, in)
+    exact = float(torch.linalg.matrix_norm(symbols, 2).max())
+    est = lanczos_operator_norm(conv, shape)
+    assert est <= exact * (1 + 1e-9)
+    assert est == pytest.approx(exact, rel=1e-4)
 
 
 def _tiny_factory():
