@@ -233,7 +233,9 @@ def test_beta_follows_the_activation_scale(digits_cnn):
     assert not res.coarse
     seen = _outputs(kept, x, ["features.7"])["features.7"]  # the input of features.8
     rms = float(seen.double().pow(2).mean().sqrt())
-    assert math.log(2) / res.betas["features.8"] == pytest.approx(res.tolerance * rms, rel=1e-3)
+    beta = float(kept.features[8].beta)  # the layer's own beta
+    assert beta == pytest.approx(res.betas["features.8"], rel=1e-5)
+    assert math.log(2) / beta == pytest.approx(res.tolerance * rms, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ what is not kept
@@ -306,6 +308,27 @@ def test_residual_with_different_scales_and_replaced_smooth_activation_are_repor
     res = lcnnify(_Residual(nn.SiLU).eval(), example_inputs=x, preserve_function=True,
                   smooth_activations="keep").lcnn_preservation
     assert [op for _, op, _ in res.changed] == ["operator.add"]
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace the root
+            h = h * 2
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_model_converted_module_by_module_is_reported_not_silently_kept():
+    with pytest.warns(ConversionWarning, match="could not be traced"):
+        kept = lcnnify(_Untraceable().eval(), example_inputs=torch.rand(8, 1, 8, 8), preserve_function=True)
+    assert not kept.lcnn_preservation.exact
+    assert any("does NOT compute the original function" in n for n in kept.lcnn_report.notes)
 
 
 def test_spectral_divisor_is_what_the_parametrization_divides_by(digits_cnn):
