@@ -289,7 +289,11 @@ class Converter:
                 raise ConversionError(f"per_channel_beta: no channel count known for '{path}' ({original}); "
                                       "pass example_inputs or use per_channel_beta=False")
             channels = int(meta.shape[1])
-        new = CenteredSoftplus(beta=self.config.beta0, num_channels=channels)
+        # an in-place activation (nn.ReLU(inplace=True), F.relu_, x.relu_()) stays in place: same aliasing as the
+        # original, and ReLU-level memory (the centered softplus keeps only its output for backward)
+        inplace = (getattr(module, "inplace", False) is True if module is not None
+                   else node is not None and ops.is_inplace(node, {}))
+        new = CenteredSoftplus(beta=self.config.beta0, num_channels=channels, inplace=inplace)
         self.report.converted.append(Converted(path, "activation", original, "CenteredSoftplus",
                                                node.name if node is not None else ""))
         return new

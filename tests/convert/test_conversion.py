@@ -319,3 +319,42 @@ def test_fallback_keeps_dropout_mode_dependent():
     assert isinstance(drop, nn.Dropout)
     drop.eval()
     torch.testing.assert_close(drop(torch.ones(1, 12)), torch.ones(1, 12))
+
+
+def test_inplace_activation_sites_stay_inplace_and_compute_the_same_as_out_of_place():
+    """nn.ReLU(inplace=True), F.relu_ and x.relu_() become in-place centered softplus (ReLU-level memory); the
+    values and gradients equal those of the same model with out-of-place activations."""
+    from lcnnify.nn import CenteredSoftplus
+
+    class Net(nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            self.inplace = inplace
+            self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+            self.act = nn.ReLU(inplace=inplace)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.act(self.conv1(x))
+            h = self.conv2(h)
+            h = torch.relu_(h) if self.inplace else torch.relu(h)
+            h = h + 1.0
+            h = h.relu_() if self.inplace else h.relu()
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a, b = Net(True), Net(False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 2, 6, 6)
+    la = lcnnify(a, example_inputs=x)
+    lb = lcnnify(b, example_inputs=x)
+    acts = [m for m in la.modules() if isinstance(m, CenteredSoftplus)]
+    assert len(acts) == 3 and all(m.inplace for m in acts)
+    assert not any(m.inplace for m in lb.modules() if isinstance(m, CenteredSoftplus))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = la(xa), lb(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-7)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-7)
