@@ -28,7 +28,8 @@ running statistics does not help, because it activates the clip that training ne
 
 In training the clip factor is a function of w and gamma (it carries their gradients) evaluated at the batch
 variance, which is treated as a constant (no gradient through var into s), exactly as the reference treats the
-running statistics; the normalization itself is ``F.batch_norm`` with its exact gradient.
+running statistics; the normalization itself has the exact gradient of training-mode BatchNorm (first and
+second order).
 
 Running statistics
 ------------------
@@ -74,6 +75,55 @@ def _gamma_to_raw(gamma: float) -> float:
 
 def _reduce_dims(input: Tensor) -> list[int]:
     return [0] + list(range(2, input.dim()))
+
+
+def _batch_variance(input: Tensor, dtype: torch.dtype) -> Tensor:
+    """Biased per-channel variance of ``input`` (no gradient), in ``dtype``.
+
+    ``torch.batch_norm_update_stats`` is the statistics kernel of BatchNorm itself (one pass, faster than the
+    generic ``torch.var`` reduction over dims (0, 2, 3), which is the fallback where a backend lacks it).
+    Reduced-precision inputs are reduced in ``dtype``."""
+    x = input if input.dtype in (torch.float32, torch.float64) else input.to(dtype)
+    with torch.no_grad():
+        try:
+            var = torch.batch_norm_update_stats(x, None, None, 0.0)[1]
+        except (RuntimeError, NotImplementedError):
+            var = torch.var(x, dim=_reduce_dims(x), unbiased=False)
+    return var.to(dtype)
+
+
+class _BatchNormWithBatchStats(torch.autograd.Function):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias where (mean, var) are the biased batch statistics of x,
+    computed by the caller (who needed var before normalizing): the eval-mode kernel in the forward, the
+    training-mode BatchNorm gradient (statistics as functions of x) in the backward. Together with the one
+    statistics pass this is exactly the work of a training-mode ``F.batch_norm``. Differentiable twice (the
+    backward is ``native_batch_norm_backward``, which has its own derivative)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor,
+                eps: float) -> Tensor:
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_memory_format(x)), x, weight, None, None, mean, invstd, True, ctx.eps,
+            need)
+        return gx, gw, gb, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -129,8 +179,9 @@ class LipschitzBatchNorm(_NormBase):
       (``stats_warmup``; t = ``num_batches_tracked``), or the cumulative average with ``momentum=None``.
     * eval mode: the running statistics; the gain is exactly :meth:`lipschitz_constant` = min(L, gamma) with
       L from ``running_var`` (the certified value).
-    * The clip factor is folded into the BN weight, so outside synchronized training the whole layer is one
-      ``F.batch_norm`` call (plus one variance reduction in training).
+    * The clip factor is folded into the BN weight: in eval mode the layer is one ``F.batch_norm`` call; in
+      training one pass of BatchNorm's statistics kernel (which also updates the running statistics), the clip
+      from its variance, one normalization pass: the work of a training-mode ``F.batch_norm``.
     * ``track_running_stats=False`` (no running statistics; BN always normalizes with the batch statistics):
       L uses the biased variance of the current batch in both modes.
     * gamma = 1 + exp(log_gamma_minus_1) >= 1 by construction (initial value ``gamma``, default 10); it gets a
@@ -216,8 +267,7 @@ class LipschitzBatchNorm(_NormBase):
     def _scale(self, input: Tensor, use_batch_var: bool) -> Tensor:
         """The clip factor from the batch variance of ``input`` (detached) or from ``running_var``."""
         if use_batch_var:
-            with torch.no_grad():
-                var = torch.var(input.to(self._param_dtype()), dim=_reduce_dims(input), unbiased=False)
+            var = _batch_variance(input, self._param_dtype())
         else:
             var = self.running_var
         return self.clip_factor(var)
@@ -273,12 +323,26 @@ class LipschitzBatchNorm(_NormBase):
             group = self._sync_group()
             if group is not None:
                 return self._synchronized_forward(input, group, eaf)
+            if input.dtype in (torch.float32, torch.float64) and input.dtype == self._param_dtype():
+                return self._batch_forward(input, eaf)
         s = self._scale(input, use_batch_var=bn_training)
         return F.batch_norm(
             input,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
             self._scaled_weight(s), self.bias, bn_training, eaf, self.eps)
+
+    def _batch_forward(self, input: Tensor, eaf: float) -> Tensor:
+        """Batch statistics, one statistics pass: the clip needs the variance before the normalization."""
+        if input.numel() // input.shape[1] <= 1:
+            raise ValueError(f"LipschitzBatchNorm: expected more than 1 value per channel when training, got "
+                             f"input of shape {tuple(input.shape)}")
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        with torch.no_grad():  # BatchNorm's own statistics kernel; it also updates the running statistics
+            mean, var = torch.batch_norm_update_stats(
+                input, self.running_mean if update else None, self.running_var if update else None, eaf)
+        w = self._scaled_weight(self.clip_factor(var))
+        return _BatchNormWithBatchStats.apply(input, w, self.bias, mean, var, self.eps)
 
     def _synchronized_forward(self, input: Tensor, group: Any, eaf: float) -> Tensor:
         """Training mode under a process group: normalize with the statistics of all ranks' batches."""

@@ -96,8 +96,9 @@ def test_train_mode_running_stats_and_outputs_match_nn_batchnorm(dim, momentum, 
     for shape in shapes * 2:
         x = torch.randn(*shape) * 3 + 1
         y, y_ref = lbn(x), ref(x)
-        # bitwise with affine; without it the clip factor (1.0) is passed as weight: equal up to rounding
-        assert torch.equal(y, y_ref) if affine else torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+        # the same statistics kernel; the normalization is applied by the eval-mode kernel (the clip needs the
+        # variance first), which rounds 1 / sqrt(var + eps) in float32: equal up to rounding
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
         assert torch.equal(lbn.running_mean, ref.running_mean)
         assert torch.equal(lbn.running_var, ref.running_var)
         assert torch.equal(lbn.num_batches_tracked, ref.num_batches_tracked)
@@ -237,6 +238,8 @@ def test_training_map_is_gamma_lipschitz_for_its_batch_and_ignores_running_stati
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(6, 3, 4, 4), (9, 3)])
 def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(affine, shape):
+    """First and second derivatives (GradReg differentiates the input gradient) against a float64 reference
+    built from elementary ops: s(w, gamma) at the detached batch variance times an exact batch normalization."""
     torch.manual_seed(0)
     c = 3
     bn = LipschitzBatchNorm(c, gamma=2.0, affine=affine, dtype=torch.float64)
@@ -244,29 +247,45 @@ def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(a
         with torch.no_grad():
             bn.weight.copy_(torch.tensor([1.0, -3.0, 0.5], dtype=torch.float64))
             bn.bias.normal_()
-    x = (torch.randn(*shape, dtype=torch.float64) * 0.2).requires_grad_(True)  # L >= 5 > gamma: clipping
-    g = torch.randn(*shape, dtype=torch.float64)
-    (bn(x) * g).sum().backward()
-    # reference: s(w, gamma) at the detached batch variance, times an exact batch normalization
+    x0 = torch.randn(*shape, dtype=torch.float64) * 0.2  # L >= 5 > gamma: clipping
+    g, h = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
     dims = [0] + list(range(2, len(shape)))
     view = (1, c) + (1,) * (len(shape) - 2)
-    w = (bn.weight.detach() if affine else torch.ones(c, dtype=torch.float64)).clone().requires_grad_(True)
+    w_ref = (bn.weight.detach() if affine else torch.ones(c, dtype=torch.float64)).clone().requires_grad_(True)
     b = bn.bias.detach() if affine else torch.zeros(c, dtype=torch.float64)
     raw = bn.log_gamma_minus_1.detach().clone().requires_grad_(True)
-    xr = x.detach().clone().requires_grad_(True)
-    var_const = xr.detach().var(dim=dims, unbiased=False)
-    gamma = 1 + raw.exp()
-    L = (w.abs() / (var_const + bn.eps).sqrt()).max()
-    s = torch.minimum(torch.ones((), dtype=torch.float64), gamma / L)
-    mean = xr.mean(dim=dims, keepdim=True)
-    var = ((xr - mean) ** 2).mean(dim=dims, keepdim=True)
-    y = s * w.view(view) * (xr - mean) / (var + bn.eps).sqrt() + b.view(view)
-    (y * g).sum().backward()
-    assert s.item() < 1.0
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(bn.log_gamma_minus_1.grad, raw.grad, rtol=1e-9, atol=1e-12)
+
+    def reference(x):
+        var_const = x.detach().var(dim=dims, unbiased=False)
+        L = (w_ref.abs() / (var_const + bn.eps).sqrt()).max()
+        s = torch.minimum(torch.ones((), dtype=torch.float64), (1 + raw.exp()) / L)
+        assert s.item() < 1.0
+        mean = x.mean(dim=dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+        return s * w_ref.view(view) * (x - mean) / (var + bn.eps).sqrt() + b.view(view)
+
+    grads = []
+    for fn, params in ((bn, [bn.log_gamma_minus_1] + ([bn.weight] if affine else [])),
+                       (reference, [raw] + ([w_ref] if affine else []))):
+        x = x0.clone().requires_grad_(True)
+        first = torch.autograd.grad((fn(x) * g).sum(), [x] + params, create_graph=True)
+        second = torch.autograd.grad((first[0] * h).sum(), [x] + params, allow_unused=True)
+        grads.append([t.detach() for t in first] + [t if t is not None else torch.zeros(()) for t in second])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want.expand_as(got), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(5, 2, 3, 3), (7, 3)])
+def test_training_mode_gradcheck_and_gradgradcheck_without_clipping(affine, shape):
+    torch.manual_seed(1)
+    bn = LipschitzBatchNorm(shape[1], gamma=1e3, affine=affine, dtype=torch.float64).train()
     if affine:
-        torch.testing.assert_close(bn.weight.grad, w.grad, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bn, (x,))
+    assert torch.autograd.gradgradcheck(bn, (x,))
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
