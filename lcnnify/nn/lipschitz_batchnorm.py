@@ -77,19 +77,19 @@ def _reduce_dims(input: Tensor) -> list[int]:
     return [0] + list(range(2, input.dim()))
 
 
-def _batch_variance(input: Tensor, dtype: torch.dtype) -> Tensor:
-    """Biased per-channel variance of ``input`` (no gradient), in ``dtype``.
+def _batch_stats(input: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``input`` (no gradient), in ``dtype``.
 
     ``torch.batch_norm_update_stats`` is the statistics kernel of BatchNorm itself (one pass, faster than the
-    generic ``torch.var`` reduction over dims (0, 2, 3), which is the fallback where a backend lacks it).
+    generic ``torch.var_mean`` reduction over dims (0, 2, 3), which is the fallback where a backend lacks it).
     Reduced-precision inputs are reduced in ``dtype``."""
     x = input if input.dtype in (torch.float32, torch.float64) else input.to(dtype)
     with torch.no_grad():
         try:
-            var = torch.batch_norm_update_stats(x, None, None, 0.0)[1]
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         except (RuntimeError, NotImplementedError):
-            var = torch.var(x, dim=_reduce_dims(x), unbiased=False)
-    return var.to(dtype)
+            var, mean = torch.var_mean(x, dim=_reduce_dims(x), unbiased=False)
+    return mean.to(dtype), var.to(dtype)
 
 
 class _BatchNormWithBatchStats(torch.autograd.Function):
@@ -221,7 +221,6 @@ class LipschitzBatchNorm(_NormBase):
         self.stats_warmup = bool(stats_warmup)
         self.synchronized = bool(synchronized)
         self.process_group = process_group
-        self._warmup_over = False  # cache: max(momentum, 1/t) == momentum from now on (saves a device sync)
         self.log_gamma_minus_1 = nn.Parameter(
             torch.tensor(_gamma_to_raw(gamma), device=device, dtype=dtype if dtype is not None else None))
 
@@ -267,7 +266,7 @@ class LipschitzBatchNorm(_NormBase):
     def _scale(self, input: Tensor, use_batch_var: bool) -> Tensor:
         """The clip factor from the batch variance of ``input`` (detached) or from ``running_var``."""
         if use_batch_var:
-            var = _batch_variance(input, self._param_dtype())
+            var = _batch_stats(input, self._param_dtype())[1]
         else:
             var = self.running_var
         return self.clip_factor(var)
@@ -290,19 +289,29 @@ class LipschitzBatchNorm(_NormBase):
             raise ValueError(f"LipschitzBatchNorm: expected {self.num_features} channels at dim 1, got input "
                              f"of shape {tuple(input.shape)}")
 
-    def _average_factor(self) -> float:
-        """Count this training batch and return the running-statistics update factor."""
+    def _average_factor(self) -> float | Tensor | None:
+        """Count this training batch; the running-statistics update factor (None: no update).
+
+        A tensor computed from ``num_batches_tracked`` while it changes (warm-up, ``momentum=None``): no device
+        synchronization, and nothing for ``torch.compile`` to specialize on step by step."""
         if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
-            return 0.0 if self.momentum is None else self.momentum
+            return None
         self.num_batches_tracked.add_(1)
-        if self.momentum is not None and (not self.stats_warmup or self._warmup_over):
+        if self.momentum is not None and not self.stats_warmup:
             return self.momentum
-        t = int(self.num_batches_tracked)
-        if self.momentum is None:
-            return 1.0 / t
-        if t * self.momentum >= 1.0:
-            self._warmup_over = True
-        return max(self.momentum, 1.0 / t)
+        inv_t = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+        return inv_t if self.momentum is None else inv_t.clamp_min(self.momentum)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: float | Tensor,
+                              factor: float | Tensor) -> None:
+        """running <- (1 - factor) running + factor batch, with the unbiased variance (as ``nn.BatchNorm``).
+
+        Written through ``.data`` so that, like ``F.batch_norm``'s own update, it does not bump the buffers'
+        version counters: an eval-mode graph that saved them (e.g. CURE's reference pass) stays usable."""
+        rm, rv = self.running_mean.data, self.running_var.data
+        rm.lerp_(mean.detach().to(rm.dtype), factor)
+        rv.lerp_((var.detach() * (count / (count - 1.0))).to(rv.dtype), factor)
 
     def _sync_group(self) -> Any:
         """The process group to reduce over in this call, or None for local statistics."""
@@ -313,60 +322,43 @@ class LipschitzBatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if self.frozen:
+        factor = None if self.frozen else self._average_factor()
+        if self.frozen or not (self.training or self.running_var is None):  # the running statistics
             w = self._scaled_weight(self._scale(input, use_batch_var=False))
             return F.batch_norm(input, self.running_mean, self.running_var, w, self.bias, False, 0.0, self.eps)
+        group = self._sync_group()
+        if group is not None:
+            return self._synchronized_forward(input, group, factor)
+        return self._batch_forward(input, factor)
 
-        eaf = self._average_factor()
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        if bn_training:
-            group = self._sync_group()
-            if group is not None:
-                return self._synchronized_forward(input, group, eaf)
-            if input.dtype in (torch.float32, torch.float64) and input.dtype == self._param_dtype():
-                return self._batch_forward(input, eaf)
-        s = self._scale(input, use_batch_var=bn_training)
-        return F.batch_norm(
-            input,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            self._scaled_weight(s), self.bias, bn_training, eaf, self.eps)
-
-    def _batch_forward(self, input: Tensor, eaf: float) -> Tensor:
+    def _batch_forward(self, input: Tensor, factor: float | Tensor | None) -> Tensor:
         """Batch statistics, one statistics pass: the clip needs the variance before the normalization."""
-        if input.numel() // input.shape[1] <= 1:
+        count = input.numel() // input.shape[1]
+        if count <= 1:
             raise ValueError(f"LipschitzBatchNorm: expected more than 1 value per channel when training, got "
                              f"input of shape {tuple(input.shape)}")
-        update = self.training and self.track_running_stats and self.running_mean is not None
-        with torch.no_grad():  # BatchNorm's own statistics kernel; it also updates the running statistics
-            mean, var = torch.batch_norm_update_stats(
-                input, self.running_mean if update else None, self.running_var if update else None, eaf)
+        fused = input.dtype in (torch.float32, torch.float64) and input.dtype == self._param_dtype()
+        mean, var = _batch_stats(input, self._param_dtype())
+        if factor is not None:
+            self._update_running_stats(mean, var, count, factor)
         w = self._scaled_weight(self.clip_factor(var))
-        return _BatchNormWithBatchStats.apply(input, w, self.bias, mean, var, self.eps)
+        if fused:
+            return _BatchNormWithBatchStats.apply(input, w, self.bias, mean, var, self.eps)
+        # reduced precision (e.g. autocast): F.batch_norm computes its own statistics in its accumulation type
+        return F.batch_norm(input, None, None, w, self.bias, True, 0.0, self.eps)
 
-    def _synchronized_forward(self, input: Tensor, group: Any, eaf: float) -> Tensor:
+    def _synchronized_forward(self, input: Tensor, group: Any, factor: float | Tensor | None) -> Tensor:
         """Training mode under a process group: normalize with the statistics of all ranks' batches."""
         cd = torch.promote_types(input.dtype, self._param_dtype())
         x = input.to(cd)
         mean, var, count = _global_batch_stats(x, group)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():  # nn.SyncBatchNorm's update: unbiased variance of the global batch
-                rm, rv = self.running_mean, self.running_var
-                rm.mul_(1.0 - eaf).add_(mean.detach().to(rm.dtype), alpha=eaf)
-                rv.mul_(1.0 - eaf).add_((var.detach() * (count / (count - 1.0))).to(rv.dtype), alpha=eaf)
+        if factor is not None:  # nn.SyncBatchNorm's update: unbiased variance of the global batch
+            self._update_running_stats(mean, var, count, factor)
         s = self.clip_factor(var.detach())
         a = torch.rsqrt(var + self.eps) * self._scaled_weight(s).to(cd)  # y = a * (x - mean) + b
         c = -mean * a if self.bias is None else self.bias.to(cd) - mean * a
         y = torch.addcmul(_channel_view(c, x.dim()), x, _channel_view(a, x.dim()))
         return y.to(input.dtype)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._warmup_over = False  # num_batches_tracked may change
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        self._warmup_over = False
 
     def extra_repr(self) -> str:
         g = self.gamma.detach().float().item()
