@@ -233,7 +233,7 @@ def test_beta_follows_the_activation_scale(digits_cnn):
     assert not res.coarse
     seen = _outputs(kept, x, ["features.7"])["features.7"]  # the input of features.8
     rms = float(seen.double().pow(2).mean().sqrt())
-    beta = float(kept.features[8].beta)  # the layer's own beta
+    beta = float(kept.features[8].beta.detach())  # the layer's own beta
     assert beta == pytest.approx(res.betas["features.8"], rel=1e-5)
     assert math.log(2) / beta == pytest.approx(res.tolerance * rms, rel=1e-3)
 
