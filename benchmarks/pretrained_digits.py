@@ -287,7 +287,7 @@ def figure(result: dict[str, Any], path: str | Path) -> None:
     a.set_title("Robustness: accuracy vs attack radius")
     a.set_ylim(0, 1.02)
     a.grid(alpha=0.3)
-    a.legend(fontsize=7, loc="upper right")
+    a.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 0.12))  # between the red line and the rest
     for row in ROWS:
         t = max(summ[row]["seconds"], 0.05)
         b.scatter([t], [summ[row]["curvature_median"]], s=60, color=colors[row], label=LABELS[row], zorder=3)
