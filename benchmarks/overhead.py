@@ -213,6 +213,15 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
     return title + "\n" + table(header, rows) + ("\n" + notes if notes else "")
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names")
@@ -231,6 +240,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="resnet18, batch 8, 32x32, 3 rounds, original vs lcnn only, 1 memory step")
     p.add_argument("--out", help="JSON output (default: overhead.json next to this script; --quick: none)")
+    p.add_argument("--note", help="free text stored in the JSON (e.g. the commit measured)")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_probe:
@@ -248,6 +258,7 @@ def main() -> None:
         print(report(name, args, results[name]), "\n", flush=True)
     if out:
         config = {k: v for k, v in vars(args).items() if k not in ("memory_probe", "out")}
+        config["commit"] = args.note or _git_commit()
         write_json(Path(out), {"config": config, "machine": machine(), "variants": {
             k: (None if v is None else {kk: (repr(vv) if kk == "convert_types" else vv) for kk, vv in v.items()})
             for k, v in VARIANTS.items()}, "models": results})
