@@ -81,7 +81,7 @@ TIMM_NOT_CNN: dict[str, str] = {
     "edgenext": _ATTN.format("split depth-wise transposed (cross-covariance) attention"),
     "visformer": _ATTN.format("attention in stages 2-3"),
     "nextvit": _ATTN.format("E-MHSA in every stage"),
-    "swiftformer": _ATTN.format("efficient additive attention: a softmax-normalized global query, element-wise"),
+    "swiftformer": _ATTN.format("efficient additive attention: an L2-normalized global query, element-wise"),
     "shvit": _ATTN.format("single-head attention"),
     "lowformer": _ATTN.format("lowtention (scaled dot-product attention)"),
     "iformer": _ATTN.format("single-head modulation attention"),
