@@ -27,7 +27,7 @@ from .report import ConversionReport
 from .trace import graph_module
 
 PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-LCNN_ATTRIBUTES = ("lcnn_config", "lcnn_report")
+LCNN_ATTRIBUTES = ("lcnn_config", "lcnn_report", "lcnn_preservation")
 
 
 def _penalty(model: nn.Module, lambda_beta: float | None, lambda_gamma: float | None) -> torch.Tensor:

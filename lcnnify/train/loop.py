@@ -63,12 +63,17 @@ def _loader(ds: Dataset, batch_size: int, generator: torch.Generator | None, num
                       num_workers=num_workers)
 
 
-def _example_batch(ds: Dataset) -> Tensor:
-    item = ds[0]
-    x = item[0] if isinstance(item, (tuple, list)) else item
-    if not isinstance(x, Tensor):
-        raise TypeError(f"the dataset's samples must be (tensor, label) pairs, got {type(x).__name__}")
-    return x.unsqueeze(0)
+def _example_batch(ds: Dataset, size: int = 256) -> Tensor:
+    """The first ``size`` training inputs: the conversion warms the spectral norms up at their shape, and
+    ``preserve_function`` sets beta and gamma from their activation statistics (one image is too few)."""
+    xs = []
+    for i in range(min(size, len(ds))):  # type: ignore[arg-type]
+        item = ds[i]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the dataset's samples must be (tensor, label) pairs, got {type(x).__name__}")
+        xs.append(x)
+    return torch.stack(xs)
 
 
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
