@@ -347,6 +347,8 @@ class Converter:
                        voids=R.kept_voids(act))
         if not self.config.lipschitz_batchnorm:
             self._left(path, type(module).__name__, "lipschitz_batchnorm=False", voids=R.kept_voids(module))
+            if act is not getattr(module, "act", None) and not self.dry_run:
+                module.act = act  # the BN stays, its activation is converted as the report says
             return None
         new = LipschitzBatchNormAct.from_batchnorm_act(module, act=act, drop=drop, gamma=self.config.gamma0)
         self.report.converted.append(Converted(path, "batchnorm", type(module).__name__,

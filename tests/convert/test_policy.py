@@ -148,3 +148,17 @@ def test_convert_types_accepts_an_activation_registered_in_the_op_registry():
         assert isinstance(lcnnify(net, convert_types={_MyAct: "convert"}).get_submodule("1"), CenteredSoftplus)
     finally:
         ops.unregister(spec)
+
+
+def test_fused_bn_act_keeps_its_bn_but_converts_its_activation_when_lipschitz_batchnorm_is_off():
+    """timm BatchNormAct2d with lipschitz_batchnorm=False: the report says its act became a CenteredSoftplus,
+    and so it must be in the model (it was reported but left as a ReLU/Hardswish)."""
+    timm = pytest.importorskip("timm")
+    from lcnnify.nn import CenteredSoftplus
+
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    lc = lcnnify(model, lipschitz_batchnorm=False)
+    reported = [c.path for c in lc.lcnn_report.converted if c.family == "activation"]
+    for path in reported:
+        assert isinstance(lc.get_submodule(path), CenteredSoftplus), path
+    assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.Hardswish)) for m in lc.modules())
