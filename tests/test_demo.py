@@ -44,6 +44,21 @@ def test_demo_quick_writes_results_tables_and_figures(capsys, tmp_path):
         assert title in md
     for title in ("Table 1", "Table 2", "Table 3", "Findings", "E||Hess f||"):
         assert title in stdout
+    # the pretrained-model part: per seed, the standard run's preserved conversion and fine-tuned LCNN
+    assert "## From a trained model to an LCNN" in md and "| preserve_function conversion (no training) |" in md
+    assert "preserve_function conversion (no training)" in stdout
+    assert any(f.startswith("From a trained model (2 seed(s))") for f in res["findings"])
+    per = res["pretrained"]["per_seed"]
+    std_runs = {r["seed"]: r for r in res["runs"] if r["method"] == "standard"}
+    assert [r["seed"] for r in per] == sorted(std_runs)
+    for r in per:
+        assert r["accuracy_before"] == std_runs[r["seed"]]["accuracy"]  # the demo's own standard model
+        for k in ("accuracy_before", "accuracy_preserved", "agreement", "accuracy_finetuned", "accuracy_scratch"):
+            assert 0.0 <= r[k] <= 1.0, (k, r[k])
+        # the conversion preserves the function: same predictions, so the same accuracy (up to a few images)
+        assert r["agreement"] >= 0.97 and abs(r["accuracy_preserved"] - r["accuracy_before"]) <= 0.03, r
+        assert math.isfinite(r["curvature_finetuned"]) and r["curvature_finetuned"] > 0
+        assert set(r["robust_finetuned"]) == set(r["robust_scratch"]) == {"0.0", "0.05", "0.1", "0.15", "0.2", "0.5"}
 
 
 def _fake_run(method, seed, curv=1.0, diverged=False, acc=0.9):
@@ -123,3 +138,49 @@ def test_format_table_plain_and_markdown():
     plain = format_table(["Model", "x"], rows)
     assert len({len(line) for line in plain.splitlines()}) == 1  # aligned
     assert set(METHOD_LABELS) == set(SEVEN)
+
+
+def _fake_pretrained(seed, acc_before=0.9, acc_preserved=0.9, curv_ft=1.0, acc_ft=0.9, rob_ft=0.5, wall_ft=1.0):
+    run = _fake_run("standard", seed, curv=4.0, acc=acc_before)
+    run["train_wall_seconds"] = 2.0
+    run["robust_accuracy"] = {"0.0": acc_before, "0.5": 0.1}
+    geo = {q: {"mean": curv_ft, "std": 0.1} for q in ("grad_norm", "hessian_norm", "curvature")}
+    run["pretrained"] = {"accuracy_before": acc_before, "accuracy_preserved": acc_preserved, "agreement": 0.99,
+                         "accuracy_finetuned": acc_ft, "finetune_wall_seconds": wall_ft,
+                         "geometry_finetuned": geo, "robust_accuracy_finetuned": {"0.0": acc_ft, "0.5": rob_ft}}
+    return run
+
+
+def _scratch(seed, curv=2.0, acc=0.9, rob=0.5):
+    run = _fake_run("lcnn", seed, curv=curv, acc=acc)
+    run["train_wall_seconds"] = 4.0
+    run["robust_accuracy"] = {"0.0": acc, "0.5": rob}
+    return run
+
+
+def test_pretrained_finding_is_paired_by_seed_and_claims_only_effects_in_every_seed():
+    from lcnnify.demo.report import pretrained_finding, pretrained_summary, pretrained_table
+
+    cfg = DemoConfig(methods=("standard", "lcnn"), eps=(), extra_eps=(0.5,), finetune_epochs=3)
+    # fine-tuned vs scratch: curvature 2x lower in seed 0, 1.25x HIGHER in seed 1 (no consistent effect);
+    # accuracy +2 points in both seeds; PGD +1 / -1 point; wall time 4x lower in both seeds
+    runs = [_fake_pretrained(0, curv_ft=1.0, acc_ft=0.92, rob_ft=0.51), _scratch(0, curv=2.0),
+            _fake_pretrained(1, curv_ft=2.5, acc_ft=0.92, rob_ft=0.49), _scratch(1, curv=2.0)]
+    ps = pretrained_summary(runs)
+    assert [r["seed"] for r in ps["per_seed"]] == [0, 1]
+    assert ps["curvature_finetuned"]["mean"] == pytest.approx(1.75) and ps["accuracy_scratch"]["mean"] == 0.9
+    line = pretrained_finding(cfg, ps)
+    assert "keeps the standard model's accuracy" in line and "at least 99.0%" in line, line
+    assert "normalized curvature no consistent difference: 1 of 2 seeds lower, 1 higher" in line, line
+    assert "2.00, 0.80" in line, line  # scratch / fine-tuned, in seed order
+    assert "accuracy +2.0 points (higher in all 2 seeds" in line, line
+    assert "PGD at eps=0.5 +0.0 points (no consistent difference; per seed +1.0, -1.0)" in line, line
+    assert "lower in all 2 seeds (scratch / fine-tuned per seed: 4.00, 4.00)" in line, line
+    table = pretrained_table(cfg, ps, markdown=True)
+    assert "| LCNN fine-tuned (3 epochs, recipe finetune) | 92.0 ± 0.0 |" in table, table
+    # a conversion that loses accuracy is reported as such; a seed without an LCNN from scratch is not paired
+    runs = [_fake_pretrained(0, acc_preserved=0.85), _fake_pretrained(1, acc_preserved=0.85)]
+    line = pretrained_finding(cfg, pretrained_summary(runs))
+    assert "CHANGES the standard model's accuracy" in line and "-5.0, -5.0" in line, line
+    assert "no LCNN from scratch to compare" in line, line
+    assert pretrained_summary([_scratch(0)]) is None

@@ -80,6 +80,11 @@ class DemoConfig:
     workers: int = 2
     timing_rounds: int = 5  # interleaved timing of one training step per method (A B C ... A B C ...)
     timing_steps: int = 5
+    #: the "pretrained model" part: per seed, the trained standard model's weights in the base (ReLU) model,
+    #: converted with ``preserve_function=True`` and fine-tuned into an LCNN (``fit(recipe="finetune")``)
+    pretrained: bool = True
+    finetune_epochs: int = 4
+    n_example: int = 256  # training images for the function-preserving conversion
     quick: bool = False
 
     @classmethod
@@ -87,7 +92,8 @@ class DemoConfig:
         """A tiny version for the test suite (seconds, not minutes): same code paths, numbers meaningless."""
         base = cls(seeds=2, epochs=1, max_train=192, n_geometry=16, lanczos_iters=5, n_pgd=16, pgd_steps=2,
                    noise_norms=(1e-3, 1e-2, 1e-1), n_gradrob=16, moons_n=120, moons_epochs=2, moons_width=16,
-                   moons_grid=40, workers=1, timing_rounds=2, timing_steps=1, quick=True)
+                   moons_grid=40, workers=1, timing_rounds=2, timing_steps=1, finetune_epochs=1,
+                   quick=True)
         return replace(base, **overrides)
 
 

@@ -11,7 +11,15 @@ from typing import Any, Callable
 from .config import DemoConfig
 from .report import mean_std
 
-__all__ = ["digits_job", "moons_job", "time_methods", "threads"]
+__all__ = ["digits_job", "moons_job", "pretrained_part", "time_methods", "threads", "job_units"]
+
+
+def job_units(cfg: DemoConfig, kind: str, method: str) -> int:
+    """Progress units a job reports: one per epoch and two evaluations (digits; + 1 for the pretrained part of
+    the standard run), one for a two-moons run."""
+    if kind == "moons":
+        return 1
+    return cfg.epochs + 2 + (1 if cfg.pretrained and method == "standard" else 0)
 
 
 @contextlib.contextmanager
@@ -62,7 +70,7 @@ def digits_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str], 
                   progress=False, seed=seed, eval_every=cfg.epochs, callback=on_epoch,
                   **dict(cfg.method_options.get(method, {})))
     except FloatingPointError as exc:  # the training loss became inf/nan: a result too, report it as such
-        for _ in range(cfg.epochs - epochs_done[0] + 2):
+        for _ in range(job_units(cfg, "digits", method) - epochs_done[0]):
             report("skipped")
         return {"kind": "digits", "method": method, "seed": seed, "diverged": True, "error": str(exc),
                 "epochs_done": epochs_done[0]}
@@ -101,7 +109,12 @@ def digits_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str], 
     report("eval")
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).double().mean())
+    extra: dict[str, Any] = {}
+    if cfg.pretrained and method == "standard":
+        extra["pretrained"] = pretrained_part(cfg, model, train, test, seed)
+        report("eval")
     return {
+        **extra,
         "kind": "digits", "method": method, "seed": seed, "diverged": False,
         "accuracy": acc,
         "epoch_seconds": secs, "seconds_per_epoch": sum(steady) / len(steady), "train_wall_seconds": train_wall,
@@ -121,6 +134,67 @@ def digits_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str], 
         "bound": bound_info,
         "fit_config": res.config,
     }
+
+
+def pretrained_part(cfg: DemoConfig, trained: Any, train: Any, test: Any, seed: int) -> dict[str, Any]:
+    """From the trained standard model to an LCNN, measured like the demo's own runs.
+
+    The standard run trains a softplus(beta = 1e3) copy of the base ReLU ``SmallCNN``; its weights are loaded
+    into the base ReLU model (the model a user has), which is converted with
+    ``lcnnify(model, example_inputs=<cfg.n_example training images>, preserve_function=True)`` (accuracy and
+    argmax agreement with the trained model) and fine-tuned into an LCNN with
+    ``fit(method="lcnn", recipe="finetune", epochs=cfg.finetune_epochs)``. The fine-tuned model's geometry and
+    PGD accuracy use the same test images, Lanczos / PGD settings and random generators as the seed's other
+    runs, so it pairs with the LCNN trained from scratch in the same seed.
+    """
+    import warnings
+
+    import torch
+
+    from .. import lcnnify
+    from ..metrics import evaluate_geometry, robust_accuracy
+    from ..models import SmallCNN
+    from ..train import fit
+
+    xt, yt = test.tensors
+    ex = train.tensors[0][: cfg.n_example]
+    relu = SmallCNN(num_classes=10, in_channels=1, width=cfg.width)
+    relu.load_state_dict(trained.state_dict())  # same parameters: only the activations differ
+    relu.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        preserved = lcnnify(relu, example_inputs=ex, preserve_function=True).eval()
+        convert_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        ref, pre = trained.eval()(xt).argmax(1), preserved(xt).argmax(1)
+    out: dict[str, Any] = {
+        "n_example": len(ex), "finetune_epochs": cfg.finetune_epochs,
+        "accuracy_before": float((ref == yt).double().mean()),
+        "accuracy_preserved": float((pre == yt).double().mean()),
+        "agreement": float((pre == ref).double().mean()),
+        "logit_scale": float(preserved.lcnn_preservation.output_scale),
+        "convert_seconds": convert_seconds,
+    }
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fit(relu, train, test, method="lcnn", recipe="finetune", epochs=cfg.finetune_epochs,
+                  batch_size=cfg.batch_size, progress=False, seed=seed, eval_every=cfg.finetune_epochs,
+                  example_inputs=ex)
+    out["finetune_wall_seconds"] = time.perf_counter() - t0  # conversion included
+    ft = res.model.eval()
+    ng = min(cfg.n_geometry, len(yt))
+    gen = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731  (as in digits_job)
+    geo = evaluate_geometry(ft, (xt[:ng], yt[:ng]), iters=cfg.lanczos_iters, progress=False, generator=gen(1))
+    npgd = min(cfg.n_pgd, len(yt))
+    robust = robust_accuracy(ft, (xt[:npgd], yt[:npgd]), (0.0, *cfg.eps, *cfg.extra_eps), steps=cfg.pgd_steps,
+                             progress=False, generator=gen(3))
+    with torch.no_grad():
+        out["accuracy_finetuned"] = float((ft(xt).argmax(1) == yt).double().mean())
+    out["geometry_finetuned"] = {k: geo[k] for k in ("grad_norm", "hessian_norm", "curvature")}
+    out["robust_accuracy_finetuned"] = {str(k): v for k, v in robust.items()}
+    return out
 
 
 def moons_job(cfg: DemoConfig, method: str, seed: int, report: Callable[[str], None]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from ..train import METHOD_LABELS
 from ..train.tables import PAPER_EPS, format_table
 from .config import PAPER, DemoConfig
 
-__all__ = ["aggregate", "findings", "tables", "paper_tables", "markdown", "mean_std"]
+__all__ = ["aggregate", "findings", "tables", "paper_tables", "markdown", "mean_std", "pretrained_summary",
+           "pretrained_table", "pretrained_finding"]
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -231,7 +232,104 @@ def findings(cfg: DemoConfig, summary: dict[str, Any], runs: list[dict[str, Any]
     return out
 
 
-def tables(cfg: DemoConfig, summary: dict[str, Any], markdown: bool) -> dict[str, str]:
+# ------------------------------------------------------------------------------- the pretrained-model part
+def pretrained_summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per seed, the pretrained part of the standard run (preserved conversion, fine-tuned LCNN) next to the LCNN
+    trained from scratch in the same seed (same initial weights, same test images and attack generators), and
+    their means ± std over those seeds. ``None`` when no standard run has the part."""
+    by = {(r["method"], r["seed"]): r for r in runs if r.get("kind") == "digits" and not r.get("diverged")}
+    per_seed = []
+    for (m, seed), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if m != "standard" or "pretrained" not in r:
+            continue
+        p = r["pretrained"]
+        row = {"seed": seed, **{k: p[k] for k in ("accuracy_before", "accuracy_preserved", "agreement",
+                                                   "accuracy_finetuned", "finetune_wall_seconds")},
+               "curvature_finetuned": p["geometry_finetuned"]["curvature"]["mean"],
+               "robust_finetuned": p["robust_accuracy_finetuned"],
+               "curvature_standard": r["geometry_test"]["curvature"]["mean"],
+               "robust_standard": r["robust_accuracy"], "wall_standard": r["train_wall_seconds"]}
+        s = by.get(("lcnn", seed))
+        if s is not None:
+            row.update(accuracy_scratch=s["accuracy"], curvature_scratch=s["geometry_test"]["curvature"]["mean"],
+                       robust_scratch=s["robust_accuracy"], wall_scratch=s["train_wall_seconds"])
+        per_seed.append(row)
+    if not per_seed:
+        return None
+    out: dict[str, Any] = {"per_seed": per_seed}
+    for k in ("accuracy_before", "accuracy_preserved", "agreement", "accuracy_finetuned", "finetune_wall_seconds",
+              "curvature_finetuned", "curvature_standard", "wall_standard", "accuracy_scratch",
+              "curvature_scratch", "wall_scratch"):
+        vals = [r[k] for r in per_seed if k in r]
+        if vals:
+            out[k] = mean_std(vals)
+    for k in ("robust_finetuned", "robust_standard", "robust_scratch"):
+        rows = [r[k] for r in per_seed if k in r]
+        if rows:
+            out[k] = {e: mean_std([x[e] for x in rows]) for e in rows[0]}
+    return out
+
+
+def pretrained_table(cfg: DemoConfig, ps: dict[str, Any], markdown: bool) -> str:
+    """Standard model, its preserved conversion, the fine-tuned LCNN and the LCNN from scratch (mean ± std)."""
+    eps_keys = [str(float(e)) for e in (*cfg.eps, *cfg.extra_eps)]
+    dash = "–"
+
+    def cells(acc: str, agree: str, curv: str, robust: str, wall: str) -> list[str]:
+        acc_c = _pm(ps[acc], 100, _pct) if acc in ps else "n/a"
+        agree_c = _pm(ps[agree], 100, _pct) if agree in ps else agree
+        curv_c = _pm(ps[curv]) if curv in ps else (dash if curv == dash else "n/a")
+        rob = ([_pm(ps[robust][k], 100, _pct) for k in eps_keys] if robust in ps
+               else [dash if robust == dash else "n/a"] * len(eps_keys))
+        wall_c = _pm(ps[wall], 1, lambda x: f"{x:.1f}") if wall in ps else (dash if wall == dash else "n/a")
+        return [acc_c, agree_c, curv_c, *rob, wall_c]
+
+    rows = [
+        ["Standard (trained)", *cells("accuracy_before", "100 (reference)", "curvature_standard", "robust_standard",
+                                      "wall_standard")],
+        ["preserve_function conversion (no training)", *cells("accuracy_preserved", "agreement", dash, dash, dash)],
+        [f"LCNN fine-tuned ({cfg.finetune_epochs} epochs, recipe finetune)",
+         *cells("accuracy_finetuned", dash, "curvature_finetuned", "robust_finetuned", "finetune_wall_seconds")],
+        [f"LCNN from scratch ({cfg.epochs} epochs)",
+         *cells("accuracy_scratch", dash, "curvature_scratch", "robust_scratch", "wall_scratch")],
+    ]
+    return format_table(["Model", "Acc. (%)", "argmax agreement with standard (%)", "E C_f",
+                         *[f"PGD eps={float(e):g}" for e in (*cfg.eps, *cfg.extra_eps)], "training wall (s)"],
+                        rows, markdown=markdown)
+
+
+def pretrained_finding(cfg: DemoConfig, ps: dict[str, Any]) -> str:
+    """One line: the preserved conversion's accuracy and agreement, and the fine-tuned LCNN vs the LCNN from
+    scratch paired by seed (an effect only where it holds in every seed, as in :func:`findings`)."""
+    per = ps["per_seed"]
+    k = len(per)
+    acc_drop = [100 * (r["accuracy_preserved"] - r["accuracy_before"]) for r in per]
+    kept = all(abs(d) < EFFECT_POINTS for d in acc_drop)
+    line = (f"From a trained model ({k} seed(s)): lcnnify(..., preserve_function=True) "
+            + ("keeps" if kept else "CHANGES") + " the standard model's accuracy "
+            f"({100 * ps['accuracy_before']['mean']:.1f}% -> {100 * ps['accuracy_preserved']['mean']:.1f}%; "
+            f"change per seed {_seeds(acc_drop, '{:+.1f}')} points) and agrees with its argmax on at least "
+            f"{100 * min(r['agreement'] for r in per):.1f}% of the test images in every seed")
+    pair = [r for r in per if "accuracy_scratch" in r]
+    if not pair:
+        return line + "; no LCNN from scratch to compare the fine-tuned model with."
+    curv = [r["curvature_scratch"] / r["curvature_finetuned"] if r["curvature_finetuned"] > 0 else math.inf
+            for r in pair]
+    wall = [r["wall_scratch"] / r["finetune_wall_seconds"] if r["finetune_wall_seconds"] > 0 else math.inf
+            for r in pair]
+    acc = _accuracy_words([100 * (r["accuracy_finetuned"] - r["accuracy_scratch"]) for r in pair])
+    e = str(float(max((*cfg.eps, *cfg.extra_eps))))
+    pgd = _accuracy_words([100 * (r["robust_finetuned"][e] - r["robust_scratch"][e]) for r in pair])
+    return (line + f". Fine-tuned into an LCNN ({cfg.finetune_epochs} epochs) vs the LCNN trained from scratch "
+            f"({cfg.epochs} epochs), paired by seed: normalized curvature {_consistency(curv)} (scratch / "
+            f"fine-tuned per seed: {_seeds(curv)}); {acc}; PGD at eps={float(e):g} "
+            f"{pgd.removeprefix('accuracy ')}; training wall time (not counting the standard model's training; "
+            f"parallel runs, indicative only) {_consistency(wall)} (scratch / fine-tuned per seed: "
+            f"{_seeds(wall)}).")
+
+
+def tables(cfg: DemoConfig, summary: dict[str, Any], markdown: bool,
+           pretrained: dict[str, Any] | None = None) -> dict[str, str]:
     ms = [m for m in cfg.methods if m in summary]
 
     def lab(m: str) -> str:
@@ -266,7 +364,10 @@ def tables(cfg: DemoConfig, summary: dict[str, Any], markdown: bool) -> dict[str
                            else "n/a", ratio(s), _pm(s["seconds_per_epoch"], 1, lambda x: f"{x:.2f}")], 3)
          + [f"{PAPER['seconds_per_epoch'][m] / 100:.1f}" if m in PAPER["seconds_per_epoch"] else "n/a"]
          for m in ms], markdown=markdown)
-    return {"table1": t1, "table2": t2, "table3": t3, "time": tt}
+    out = {"table1": t1, "table2": t2, "table3": t3, "time": tt}
+    if pretrained is not None:
+        out["pretrained"] = pretrained_table(cfg, pretrained, markdown)
+    return out
 
 
 def paper_tables(markdown: bool) -> dict[str, str]:
@@ -330,6 +431,18 @@ def markdown(cfg: DemoConfig, results: dict[str, Any], t: dict[str, str]) -> str
         "",
         t["time"],
         "",
+        *([f"## From a trained model to an LCNN (preserved conversion, {cfg.finetune_epochs}-epoch fine-tuning)",
+           "",
+           "Per seed, the trained standard model's weights in the base ReLU model, converted with "
+           f"`lcnnify(model, example_inputs=<{cfg.n_example} training images>, preserve_function=True)` (no "
+           "training; argmax agreement with the trained standard model on all test images), then fine-tuned into an "
+           f"LCNN with `fit(model, ..., method=\"lcnn\", recipe=\"finetune\", epochs={cfg.finetune_epochs})`; "
+           "compared with the LCNN trained from scratch in the same seed (same test images, Lanczos and PGD "
+           "settings as above). Training wall: measured inside the parallel runs (shared cores), indicative only; "
+           "the fine-tuning's does not include training the standard model.",
+           "",
+           t["pretrained"],
+           ""] if "pretrained" in t else []),
         "## The paper's numbers (ResNet-18; Tables 1-2 on CIFAR-100, 200 epochs, 2 runs)",
         "",
         "Table 1:",

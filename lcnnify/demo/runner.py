@@ -18,8 +18,8 @@ from typing import Any, Callable
 from ..train import METHOD_LABELS
 from .config import PAPER, DemoConfig, eps_note
 from .figures import fig1_two_moons, fig2_gradient_robustness
-from .jobs import digits_job, moons_job, threads, time_methods
-from .report import aggregate, findings as make_findings, markdown, tables
+from .jobs import digits_job, job_units, moons_job, threads, time_methods
+from .report import aggregate, findings as make_findings, markdown, pretrained_finding, pretrained_summary, tables
 
 __all__ = ["run_demo", "check_output_dir", "machine_info"]
 
@@ -68,7 +68,7 @@ def _run_job(cfg: DemoConfig, job: tuple[str, str, int]) -> dict[str, Any]:
 
 
 def _job_units(cfg: DemoConfig, job: tuple[str, str, int]) -> int:
-    return 1 if job[0] == "moons" else cfg.epochs + 2
+    return job_units(cfg, job[0], job[1])
 
 
 # Rough relative cost per epoch of each method on a CPU (a scheduling hint): the most expensive runs start first.
@@ -211,10 +211,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, confi
     echo("")
 
     jobs: list[tuple[str, str, int]] = [("digits", m, s) for s in range(cfg.seeds) for m in cfg.methods]
-    jobs.sort(key=lambda j: -_COST.get(j[1], 1))
+    ft_cost = cfg.finetune_epochs / cfg.epochs * _COST["lcnn"] if cfg.pretrained else 0.0  # the standard runs'
+    cost = lambda j: _COST.get(j[1], 1) + (ft_cost if j[1] == "standard" else 0.0)  # noqa: E731
+    jobs.sort(key=lambda j: -cost(j))
     jobs = [("moons", "standard", 0), ("moons", "lcnn", 0)] + jobs
     if cfg.workers > 1:  # expensive first, so that the two workers finish together
-        jobs = sorted(jobs, key=lambda j: -(_COST.get(j[1], 1) * (1 if j[0] == "digits" else 0.5)))
+        jobs = sorted(jobs, key=lambda j: -(cost(j) if j[0] == "digits" else 0.5 * _COST.get(j[1], 1)))
     runs = _run_jobs(cfg, jobs, progress)
     moons = {r["method"]: r for r in runs if r["kind"] == "moons"}
     digit_runs = sorted((r for r in runs if r["kind"] == "digits"),
@@ -226,6 +228,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, confi
     timing = time_methods(cfg)
     summary = aggregate(cfg, digit_runs, timing)
     findings = make_findings(cfg, summary, digit_runs)
+    pretrained = pretrained_summary(digit_runs) if cfg.pretrained else None
+    if pretrained is not None:
+        findings.insert(len(findings) - 1, pretrained_finding(cfg, pretrained))  # before "How to read"
     fig1, fig2 = out_dir / "fig1_two_moons.png", out_dir / "fig2_gradient_robustness.png"
     fig1_two_moons(fig1, moons)
     fig2_gradient_robustness(fig2, cfg, summary)
@@ -233,8 +238,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, confi
     with contextlib.suppress(OSError, AttributeError):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    text_tables = tables(cfg, summary, markdown=False)
-    md_tables = tables(cfg, summary, markdown=True)
+    text_tables = tables(cfg, summary, markdown=False, pretrained=pretrained)
+    md_tables = tables(cfg, summary, markdown=True, pretrained=pretrained)
     moons_line = ("Two moons (Fig. 1): " + "; ".join(
         f"{METHOD_LABELS[m]} test acc {100 * r['test_acc']:.1f}%, mean curvature {r['curvature']:.2f}, "
         f"mean ||grad|| {r['grad_norm']:.3f}" for m, r in moons.items()))
@@ -252,6 +257,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, confi
         "methods": list(cfg.methods),
         "summary": summary,
         "timing": timing,
+        "pretrained": pretrained,
         "findings": findings,
         "tables": text_tables,
         "two_moons": {m: {k: v for k, v in r.items() if k not in ("prob", "x_train", "y_train")}
@@ -278,6 +284,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, confi
          "s/epoch: the parallel runs, shared cores -- indicative only)")
     echo(text_tables["time"])
     echo("")
+    if "pretrained" in text_tables:
+        echo(f"From a trained model to an LCNN -- preserved conversion and {cfg.finetune_epochs}-epoch fine-tuning "
+             "vs the LCNN trained from scratch (mean ± std over seeds)")
+        echo(text_tables["pretrained"])
+        echo("")
     echo("Findings:")
     for f in findings:
         echo(f"- {f}")
