@@ -63,6 +63,7 @@ from torch.fx.node import map_aggregate
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
+from .. import ops
 from .._utils import modes_preserved
 from ..errors import ConversionError, ConversionWarning
 from ..nn import CenteredSoftplus, LipschitzBatchNorm, is_lcnn_layer
@@ -136,7 +137,6 @@ _RATIO_FUNCTIONS = frozenset({operator.truediv, operator.itruediv, torch.div})
 _RATIO_METHODS = frozenset({"div", "div_"})
 _META_METHODS = frozenset({"size", "dim", "numel", "ndimension", "type", "__len__", "stride", "is_contiguous"})
 _META_FUNCTIONS = frozenset({getattr, len})
-_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -518,7 +518,7 @@ class _ScaleWalker(fx.Interpreter):
     # ------------------------------------------------------------------ functions and methods
     def _call_op_node(self, n: fx.Node, ins: list[fx.Node], exact_in: bool) -> Any:
         t = n.target
-        name = _op_name(n)
+        name = ops.op_name(n, {})
         path = self._site_path(n)
         is_fn, is_meth = n.op == "call_function", n.op == "call_method"
         if (is_fn and t in _PASS_FUNCTIONS) or (is_meth and t in _PASS_METHODS):
@@ -659,11 +659,7 @@ class _ScaleWalker(fx.Interpreter):
 
     @staticmethod
     def _is_inplace(n: fx.Node) -> bool:
-        if n.op == "call_method":
-            return isinstance(n.target, str) and n.target.endswith("_") and not n.target.endswith("__")
-        if n.op == "call_function":
-            return n.target in _INPLACE_OPERATORS or bool(n.kwargs.get("inplace", False))
-        return False
+        return n.op != "call_module" and ops.is_inplace(n, {})  # converted modules: readers already redirected
 
     @staticmethod
     def _site_path(n: fx.Node) -> str:
@@ -705,17 +701,4 @@ def _first_node(arg: Any) -> fx.Node | None:
             if found is not None:
                 return found
     return None
-
-
-def _op_name(n: fx.Node) -> str:
-    if n.op == "call_method":
-        return f"Tensor.{n.target}"
-    t = n.target
-    mod = getattr(t, "__module__", "") or ""
-    name = getattr(t, "__name__", str(t))
-    if mod.startswith("torch.nn.functional"):
-        return f"F.{name}"
-    if mod.startswith("_operator") or mod == "operator":
-        return f"operator.{name}"
-    return f"torch.{name}" if mod.startswith("torch") else f"{mod}.{name}"
 
