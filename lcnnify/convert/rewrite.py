@@ -225,6 +225,8 @@ class Converter:
                 graph.erase_node(node)
                 if inplace:
                     _redirect_inplace_readers(new_node, order)
+        if not self.dry_run:
+            _out_of_place_consumers(gm, {n: i for i, n in enumerate(graph.nodes)})
         graph.lint()
         gm.recompile()
 
@@ -611,3 +613,28 @@ def _redirect_inplace_readers(new_node: fx.Node, order: dict[fx.Node, int]) -> N
     if isinstance(src, fx.Node):
         redirect_later_readers(src, new_node, order)
 
+
+
+def _out_of_place_consumers(gm: fx.GraphModule, order: dict[fx.Node, int]) -> None:
+    """A centered softplus keeps its OUTPUT for backward (as ReLU does), so an in-place op applied to that output
+    afterwards (``Hardswish(inplace=True)`` then ``Dropout(inplace=True)``; the original activation kept its
+    input and never noticed) would break backward. Such consumers run out of place instead; later readers of
+    the activation's output are redirected to the consumer's result, which is what the aliasing meant."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), CenteredSoftplus):
+            continue
+        for user in list(node.users):
+            module_inplace = user.op == "call_module" and getattr(modules[str(user.target)], "inplace", None) is True
+            if not user.args or user.args[0] is not node or not (module_inplace or ops.is_inplace(user, modules)):
+                continue
+            if module_inplace:
+                modules[str(user.target)].inplace = False
+            elif user.op == "call_function" and user.kwargs.get("inplace") is True:
+                user.kwargs = {**user.kwargs, "inplace": False}
+            elif user.op == "call_method" and str(user.target).endswith("_") and \
+                    hasattr(torch.Tensor, str(user.target)[:-1]):
+                user.target = str(user.target)[:-1]
+            else:
+                continue  # e.g. operator.iadd: left as it is (rare after an activation)
+            redirect_later_readers(node, user, order)

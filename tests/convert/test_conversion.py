@@ -358,3 +358,30 @@ def test_inplace_activation_sites_stay_inplace_and_compute_the_same_as_out_of_pl
     ya.square().sum().backward()
     yb.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_an_inplace_op_on_a_converted_activation_output_does_not_break_backward():
+    """torchvision mobilenet_v3's head: Hardswish(inplace=True) then Dropout(inplace=True). The centered
+    softplus keeps its output for backward, so the dropout must not overwrite it; values keep the aliasing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Hardswish(inplace=True), nn.Dropout(0.2, inplace=True),
+                        nn.Linear(16, 3))
+
+    class Methods(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x.flatten(1)))
+            h.mul_(2.0)
+            return self.fc2(h) + h.sum(1, keepdim=True)
+
+    x = torch.randn(8, 3, 4)
+    for model in (net, Methods()):
+        lc = lcnnify(model, example_inputs=x).train()
+        lc(x).square().sum().backward()  # raised "modified by an inplace operation" before
+        lc.eval()
+        with torch.no_grad():
+            y1, y2 = lc(x), lc(x)
+        torch.testing.assert_close(y1, y2)
