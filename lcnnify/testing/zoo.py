@@ -298,33 +298,21 @@ def select_representatives(progress: Callable[[str], None] | None = None) -> lis
     same for each torchvision CNN family (:func:`torchvision_families`). Builds every candidate on the meta
     device (a few minutes)."""
     out: list[Representative] = []
-    for family, names in timm_families().items():
-        sized = sorted((_count(f"timm:{n}"), n) for n in names)
-        for params, name in sized:
-            meta = _create_meta(f"timm:{name}")
-            size = smallest_input_size(meta)
-            if size is not None and not token_mixing_ops(meta, size):
-                out.append(Representative(f"timm:{family}", f"timm:{name}", params, size))
-                break
+    for lib, families, fix in (("timm", timm_families(), "add it to TIMM_NOT_CNN"),
+                               ("torchvision", torchvision_families(), "update TORCHVISION_NOT_CNN")):
+        for family, names in families.items():
+            for params, name in sorted((_count(f"{lib}:{n}"), n) for n in names):
+                meta = _create_meta(f"{lib}:{name}")
+                size = smallest_input_size(meta)
+                if size is not None and not token_mixing_ops(meta, size):
+                    out.append(Representative(f"{lib}:{family}", f"{lib}:{name}", params, size))
+                    break
+                if progress:
+                    progress(f"{lib}:{name} skipped: size {size}, token mixing {token_mixing_ops(meta, size or 224)}")
+            else:
+                raise RuntimeError(f"{lib} family {family!r} has no convolutional member: {fix}")
             if progress:
-                progress(f"timm:{name} skipped: size {size}, token mixing {token_mixing_ops(meta, size or 224)}")
-        else:
-            raise RuntimeError(f"timm family {family!r} has no convolutional member: add it to TIMM_NOT_CNN")
-        if progress:
-            progress(f"{out[-1]}")
-    for family, names in torchvision_families().items():
-        sized = sorted((_count(f"torchvision:{n}"), n) for n in names)
-        for params, name in sized:
-            meta = _create_meta(f"torchvision:{name}")
-            size = smallest_input_size(meta)
-            if size is not None and not token_mixing_ops(meta, size):
-                out.append(Representative(f"torchvision:{family}", f"torchvision:{name}", params, size))
-                break
-        else:
-            raise RuntimeError(f"torchvision family {family!r} has no convolutional member: update "
-                               f"TORCHVISION_NOT_CNN")
-        if progress:
-            progress(f"{out[-1]}")
+                progress(f"{out[-1]}")
     return out
 
 
