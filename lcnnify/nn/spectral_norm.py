@@ -219,6 +219,46 @@ def _top_right_singular_vector(op: LinearOperator, w: Tensor, v0: Tensor, *, min
     return v
 
 
+def _grouped_top_right_singular_vector(op: LinearOperator, w: Tensor, v0: Tensor, groups: int, *, steps: int,
+                                       eps: float) -> Tensor:
+    """Top right singular vector of a grouped conv, group by group.
+
+    A conv with G groups is block diagonal: A^T A maps the input channels of each group to themselves, so
+    ||A||_2 = max_g ||A_g||_2. One Lanczos run on the whole operator proves (by its Ritz residual) that it found
+    *an* eigenpair, which can be the top of another group when two groups' norms are close. Here the G Lanczos
+    recurrences run side by side (one conv + one transposed conv per step for all groups; dot products,
+    re-orthogonalization and tridiagonals per group), and the group with the largest top Ritz value wins.
+    Returns that group's Ritz vector (zero on the other groups)."""
+    shape = v0.shape
+    n_g = v0.numel() // groups
+    q = v0.reshape(groups, n_g)
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(eps)
+    basis = torch.zeros((steps + 1, groups, n_g), dtype=v0.dtype, device=v0.device)
+    basis[0] = q
+    alphas, betas = [], []
+    for j in range(steps):
+        z = op.adjoint(op.forward(basis[j].reshape(shape), w), w).reshape(groups, n_g)
+        alphas.append((basis[j] * z).sum(1))
+        for _ in range(2):  # full re-orthogonalization, per group
+            z = z - torch.einsum("kg,kgn->gn", torch.einsum("kgn,gn->kg", basis[: j + 1], z), basis[: j + 1])
+        b = torch.linalg.vector_norm(z, dim=1)
+        live = b > 1e-6 * alphas[0].abs().clamp_min(eps)  # a group whose Krylov space is exhausted stops growing
+        b = torch.where(live, b, torch.zeros_like(b))
+        betas.append(b)
+        basis[j + 1] = torch.where(live[:, None], z / b.clamp_min(eps)[:, None], torch.zeros_like(z))
+    m = len(alphas)
+    t = torch.diag_embed(torch.stack(alphas, 1).to(torch.float64))
+    if m > 1:
+        off = torch.stack(betas[: m - 1], 1).to(torch.float64)
+        t = t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    theta, evecs = torch.linalg.eigh(t)  # (G, m), (G, m, m)
+    g = int(theta[:, -1].argmax())
+    y = evecs[g, :, -1].to(dtype=v0.dtype, device=v0.device)
+    v = torch.zeros_like(q)
+    v[g] = y @ basis[:m, g]
+    return _normalize(v.reshape(shape), eps)
+
+
 class _SpectralNormalize(torch.autograd.Function):
     """``W / max(sigma, min_sigma)`` with sigma = <u, A_W v> = <W, G> for fixed unit vectors u, v (Miyato).
 
@@ -408,6 +448,15 @@ class SpectralNormBase(nn.Module):
                                            cycles=_EVAL_CYCLES)
             av = op.forward(v, w)
             sigma = torch.linalg.vector_norm(av)
+            groups = int(getattr(getattr(op, "geometry", None), "groups", 1))
+            if groups > 1 and _EVAL_MAX_STEPS * v.numel() * v.element_size() <= _LANCZOS_MEMORY_CAP:
+                # the whole-operator Lanczos may have converged to another group's top eigenpair
+                vg = _grouped_top_right_singular_vector(op, _prepare(op, w), v0, groups, steps=_EVAL_MAX_STEPS,
+                                                        eps=self.eps)
+                avg = op.forward(vg, w)
+                sigma_g = torch.linalg.vector_norm(avg)
+                if sigma_g > sigma:
+                    v, av, sigma = vg, avg, sigma_g
             u = self.u if self.u.dtype == cd else self.u.to(cd)
             u = _unit_or(av, u, self.eps, sigma)
             self.__dict__["_converged"] = _Converged(op, w.clone(), sigma, v, u)
