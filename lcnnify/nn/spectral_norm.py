@@ -640,6 +640,11 @@ def conv_operator_norm(conv: nn.Module, input_shape: Sequence[int] | None = None
     op = ConvOperator(geometry, tuple(input_shape))
     w = conv.weight.detach().to(torch.float64)
     v = torch.randn((1, *op.input_shape), dtype=torch.float64, device=w.device, generator=generator)
-    v = _top_right_singular_vector(op, w, v, min_steps=min(n_iterations, 15), max_steps=n_iterations, rtol=1e-6,
+    v0 = v
+    v = _top_right_singular_vector(op, w, v0, min_steps=min(n_iterations, 15), max_steps=n_iterations, rtol=1e-6,
                                    eps=eps)
-    return torch.linalg.vector_norm(op.forward(v, w))
+    sigma = torch.linalg.vector_norm(op.forward(v, w))
+    if geometry.groups > 1:  # block diagonal: the largest over the groups' own Lanczos runs
+        vg = _grouped_top_right_singular_vector(op, w, v0, geometry.groups, steps=n_iterations, eps=eps)
+        sigma = torch.maximum(sigma, torch.linalg.vector_norm(op.forward(vg, w)))
+    return sigma
