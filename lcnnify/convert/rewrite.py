@@ -614,7 +614,6 @@ def _redirect_inplace_readers(new_node: fx.Node, order: dict[fx.Node, int]) -> N
         redirect_later_readers(src, new_node, order)
 
 
-
 def _out_of_place_consumers(gm: fx.GraphModule, order: dict[fx.Node, int]) -> None:
     """A centered softplus keeps its OUTPUT for backward (as ReLU does), so an in-place op applied to that output
     afterwards (``Hardswish(inplace=True)`` then ``Dropout(inplace=True)``; the original activation kept its
