@@ -69,11 +69,21 @@ class _Consts:
 _CONSTS = {torch.float32: _Consts(torch.float32), torch.float64: _Consts(torch.float64)}
 
 
-def _forward_value(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
-    """out = s0(x; beta) = relu(x) - w log(u) / ((u - 1) beta), w = tanh(beta |x| / 2), u = 1 + max(w, eps).
+# ---- float32 formulas (exp2 / log / polynomials: the fastest vectorized CPU functions; see module docstring)
+_LOG2E = 1.0 / _LOG2
+_TAU = 0.75  # forward: below a = beta |x| = 0.75 the series of logcosh, above it log((1 + e^-a) / 2)
+_LOGCOSH = (1.0 / 2, -1.0 / 12, 1.0 / 45, -17.0 / 2520, 31.0 / 14175)  # logcosh(h) = sum c_k h^2k, k >= 1
+_W0_SQ = 0.16  # backward: below w^2 = 0.16 the series of 2q in w^2, above it (1 + w) log(1 + w) - e z
+_Q2 = tuple(1.0 / (k * (2 * k - 1)) for k in range(1, 9))  # 2q = sum_k w^2k / (k (2k - 1))
 
-    In-place element-wise passes on two scratch buffers; no autograd (called inside Function.forward).
+
+def _forward_value(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
+    """out = s0(x; beta), in-place passes on chunk-sized scratch buffers; no autograd.
+
+    float32: :func:`_forward_value_f32`; float64: the tanh form (module docstring).
     """
+    if x.dtype == torch.float32:
+        return _forward_value_f32(x, beta, out)
     c = _CONSTS[x.dtype]
     w = x.abs().mul_(beta * 0.5).tanh_()  # w = tanh(a/2), a = beta |x|
     u = w.clamp(min=c.w_min).add_(1.0)
@@ -83,12 +93,47 @@ def _forward_value(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
     return out.addcmul_(r, w, value=-1.0)
 
 
+def _forward_value_f32(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
+    """out = relu(x) + f(a) / beta, a = beta |x|, f(a) = log((1 + e^-a) / 2) (float32).
+
+    f = log(e/2 + 1/2) with e = 2^(-a log2 e) for a > 0.75; f = -a/2 + logcosh(a/2) by its Taylor series
+    (5 terms) for a <= 0.75, where the log form would lose relative precision. The two are selected by a
+    0/1 weight (a lerp: a masked select is far slower on CPU).
+    """
+    a = torch.mul(x.abs(), beta)
+    f_log = torch.mul(a, -_LOG2E).sub_(1.0).exp2_().add_(0.5).log_()  # log(e/2 + 1/2)
+    a_s = torch.clamp(a, max=_TAU)
+    v = torch.mul(a_s, a_s).mul_(0.25)  # h^2, h = a/2
+    f = torch.mul(v, _LOGCOSH[4]).add_(_LOGCOSH[3])
+    for ck in _LOGCOSH[2::-1]:
+        f.mul_(v).add_(ck)
+    f.mul_(v).add_(a_s, alpha=-0.5)  # -a/2 + logcosh(a/2)
+    f.lerp_(f_log, a.sub_(_TAU).mul_(1e30).clamp_(0.0, 1.0))  # weight 1 exactly where a > 0.75
+    torch.clamp(x, min=0.0, out=out)  # relu(x) (x may be out itself: read above, written last)
+    return out.addcmul_(f, beta.reciprocal())
+
+
 def _forward_graph(x: Tensor, beta: Tensor) -> Tensor:
-    """:func:`_forward_value` as out-of-place ops (same operations; the form a compiler fuses)."""
+    """:func:`_forward_value` as out-of-place ops (the same formulas; the form a compiler fuses)."""
+    if x.dtype == torch.float32:
+        a = x.abs() * beta
+        f_log = torch.log(torch.exp2(a * -_LOG2E - 1.0) + 0.5)
+        a_s = a.clamp(max=_TAU)
+        v = a_s * a_s * 0.25
+        f = _horner(v, _LOGCOSH) * v - 0.5 * a_s
+        return torch.relu(x) + torch.where(a > _TAU, f_log, f) / beta
     c = _CONSTS[x.dtype]
     w = torch.tanh(x.abs() * (beta * 0.5))
     u = w.clamp(min=c.w_min) + 1.0
     return torch.relu(x) - w * (torch.log(u) / (u - 1.0) / beta)
+
+
+def _horner(v: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """sum_k coeffs[k] v^k (out-of-place ops)."""
+    p = v * coeffs[-1] + coeffs[-2]
+    for ck in coeffs[-3::-1]:
+        p = p * v + ck
+    return p
 
 
 class _Chunks:
@@ -138,6 +183,8 @@ def _slope_terms(y: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """
     c = _CONSTS[y.dtype]
     z = (y * beta).clamp(min=-_LOG2, max=c.z_max)
+    if y.dtype == torch.float32:
+        return z, torch.exp2(z * -_LOG2E)  # as in the first-order backward
     return z, torch.exp(-z)
 
 
@@ -147,6 +194,11 @@ def _q2_graph(z: Tensor, e: Tensor) -> Tensor:
     Keep in step with :func:`_q2_fast` (same operations, in place); a test checks that both agree.
     """
     c = _CONSTS[z.dtype]
+    if z.dtype == torch.float32:
+        w = (e - 1.0 - c.guard) / (torch.log(e) - c.guard) * z  # 1 - e^-z (Kahan)
+        v = w * w
+        p = (2.0 - e).clamp(min=c.p_min)  # 1 + w
+        return torch.where(v > _W0_SQ, torch.log(p) * p - e * z, _horner(v, (0.0,) + _Q2))
     w = (e - 1.0 - c.guard) / (torch.log(e) - c.guard) * z  # 1 - e^-z (Kahan)
     p = (w + 1.0).clamp(min=c.p_min)
     g1 = (torch.log(p) + c.guard) / (p - 1.0 + c.guard)  # log1p(w) / w
@@ -167,6 +219,8 @@ def _q2_fast(z: Tensor, e: Tensor) -> Tensor:
     torch has a fused op (addcmul, lerp).
     """
     c = _CONSTS[z.dtype]
+    if z.dtype == torch.float32:
+        return _q2_fast_f32(z, e)
     k = 1.0 / (c.v_hi - c.v_lo)
     t = torch.log(e)
     w = torch.sub(e, 1.0).div_(t).nan_to_num_(nan=1.0).mul_(z)  # w = 1 - e^-z (Kahan)
@@ -178,6 +232,24 @@ def _q2_fast(z: Tensor, e: Tensor) -> Tensor:
     large = torch.mul(w, g1).mul_(p).addcmul_(z, e, value=-1.0)  # (1 + w) log1p(w) - e z
     small = torch.addcmul(z, w, g1.sub_(g2)).mul_(w)  # w (z + w (g1 - g2))
     return small.lerp_(large, lam)
+
+
+def _q2_fast_f32(z: Tensor, e: Tensor) -> Tensor:
+    """2q for float32: the series sum_k w^2k / (k (2k - 1)) (8 terms) where w^2 <= 0.16, else
+    (1 + w) log(1 + w) - e z (no cancellation there); w = 1 - e by Kahan's expm1 from the rounded e.
+
+    Two logs and a polynomial; the branches are selected by a 0/1 lerp weight. z is consumed.
+    """
+    c = _CONSTS[z.dtype]
+    w = torch.sub(e, 1.0).div_(torch.log(e)).nan_to_num_(nan=1.0).mul_(z)  # w = 1 - e^-z (Kahan)
+    v = w.mul_(w)
+    q2 = torch.mul(v, _Q2[-1]).add_(_Q2[-2])
+    for ck in _Q2[-3::-1]:
+        q2.mul_(v).add_(ck)
+    q2.mul_(v)
+    p = torch.sub(2.0, e).clamp_(min=c.p_min)  # 1 + w
+    large = torch.log(p).mul_(p).addcmul_(e, z, value=-1.0)  # (1 + w) log(1 + w) - e z
+    return q2.lerp_(large, v.sub_(_W0_SQ).mul_(1e30).clamp_(0.0, 1.0))  # weight 1 where w^2 > 0.16
 
 
 def _one(t: Tensor) -> Tensor:
@@ -227,6 +299,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
             if res is not None:
                 return res[0], res[1], None
         c = _CONSTS[y.dtype]
+        f32 = y.dtype == torch.float32
         ch = _Chunks(y, beta)
         if ch.flat and not grad.is_contiguous():
             grad = grad.contiguous()
@@ -236,11 +309,13 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         for k in range(len(ch)):
             g = ch.view(grad, k)
             z = torch.mul(ch.view(y, k), ch.beta).clamp_(min=-_LOG2, max=c.z_max)  # as in _slope_terms
-            e = torch.mul(z, -1.0).exp_()
+            e = torch.mul(z, -_LOG2E).exp2_() if f32 else torch.mul(z, -1.0).exp_()
             if need_x:
                 torch.addcmul(g, g, e, value=-0.5, out=ch.view(gx, k))  # grad * (1 - e/2)
             if need_b:
-                parts.append(_q2_fast(z, e).mul_(g).sum_to_size(ch.beta.shape))
+                q2 = _q2_fast(z, e)
+                parts.append(torch.dot(q2.view(-1), g.reshape(-1)) if ch.flat
+                             else q2.mul_(g).sum_to_size(ch.beta.shape))
         if need_b:
             gb = (torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]).reshape(beta.shape)
             gb = gb.div_(beta * beta * 2.0)

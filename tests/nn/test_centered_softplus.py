@@ -159,29 +159,37 @@ def _fwd_bwd(x, b, g):
 @pytest.mark.parametrize("case", ["scalar", "per_channel", "per_element", "channels_last", "expanded_grad"])
 def test_cache_sized_chunks_give_the_same_results_as_one_pass(case, monkeypatch):
     """Large CPU tensors are processed in chunks; force chunking on a small tensor and compare with the
-    unchunked computation (element-wise results bit-identical, beta gradients up to summation order)."""
+    unchunked computation: element-wise results bit-identical where chunk boundaries fall on multiples of
+    the SIMD width (as the real chunk sizes do), within 2 ulp elsewhere (torch's scalar tail loop of
+    ``exp2`` differs from its vector loop in the last bit); beta gradients up to summation order."""
     torch.manual_seed(0)
-    x = torch.randn(6, 4, 5, 7) * 3
+    shape = (8, 4, 8, 16)
+    x = torch.randn(shape) * 3
     b = torch.tensor(1.7)
     if case in ("per_channel", "channels_last"):
         b = torch.tensor([0.3, 1.0, 4.0, 20.0]).view(1, 4, 1, 1)
     if case == "per_element":
-        b = torch.rand(6, 4, 5, 7) + 0.5
+        b = torch.rand(shape) + 0.5
     if case == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    g = torch.randn(6, 4, 5, 7)
+    g = torch.randn(shape)
     if case == "expanded_grad":
-        g = torch.tensor(0.7).expand(6, 4, 5, 7)
+        g = torch.tensor(0.7).expand(shape)
     whole = _fwd_bwd(x, b, g)
-    monkeypatch.setattr(csp_mod, "_CHUNK_PER_THREAD", 5)
-    chunks = csp_mod._Chunks(x, b)
-    assert len(chunks) > 1 or case == "per_element"
-    chunked = _fwd_bwd(x, b, g)
-    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     scale = (g.abs() * LOG2 / (b * b)).sum()  # bound on the sum of |terms| of the beta gradient
-    assert ((whole[2] - chunked[2]).abs() <= 1e-6 * scale).all()
-    if case == "channels_last":
-        assert chunked[0].is_contiguous(memory_format=torch.channels_last)
+    for chunk, exact in ((64, True), (5, False)):
+        monkeypatch.setattr(csp_mod, "_CHUNK_PER_THREAD", chunk)
+        chunks = csp_mod._Chunks(x, b)
+        assert len(chunks) > 1 or case == "per_element"
+        chunked = _fwd_bwd(x, b, g)
+        for w, c, floor in zip(whole[:2], chunked[:2], (0.0, g.abs())):
+            if exact:
+                assert torch.equal(w, c)
+            else:  # values: relative; slopes: also absolute (1 - e/2 is absolute-accurate, module docstring)
+                assert ((w - c).abs() <= 2.5e-7 * (w.abs() + floor)).all()
+        assert ((whole[2] - chunked[2]).abs() <= 1e-6 * scale).all()
+        if case == "channels_last":
+            assert chunked[0].is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------- invariants
