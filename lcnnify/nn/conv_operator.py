@@ -233,20 +233,59 @@ class ConvOperator:
         # takes the im2col fallback (measured: up to ~10x slower for the deep layers of a ResNet)
         return t.contiguous(memory_format=torch.channels_last) if self.nd == 2 and t.dim() == 4 else t
 
+    # ------------------------------------------------------------------ batch-1 matrix path
+    # A single input (the power iteration's vectors) through an ungrouped 2-d conv on the CPU: written as
+    # matrix products with the im2col matrix ``X = unfold(pad(x))`` of shape (C k_h k_w, L), L = output pixels:
+    #     A_W x = W_mat X,     A_W^T y = fold(W_mat^T Y),     G = Y X^T,
+    # W_mat = W.view(C_out, C k_h k_w) (the weight as it is stored: no reordered copy), Y = y.view(C_out, L).
+    # The products are taken in the orientation (L rows) that the BLAS runs fastest for small L.
+    def _matrix_path(self, x: Tensor, w: Tensor) -> bool:
+        return self.nd == 2 and self.groups == 1 and x.dim() == 4 and x.shape[0] == 1 and x.device.type == "cpu" \
+            and w.is_contiguous()
+
+    def cols(self, x: Tensor) -> Tensor:
+        """``X^T``: the transposed im2col matrix (L, C k_h k_w) of one input ``x`` of shape ``(1, *input_shape)``
+        (2-d convs), such that ``A_W x = (X^T W_mat^T)^T`` and ``G(x, y) = Y X``."""
+        return F.unfold(self._pad(x), self.geometry.kernel_size, self.dilation, self.padding, self.stride)[0].t()
+
+    def _forward_cols(self, cols_t: Tensor, w: Tensor) -> Tensor:
+        out = cols_t.mm(w.view(w.shape[0], -1).t())  # (L, C_out)
+        return out.t().reshape(1, *self.output_shape)
+
     def prepare_weight(self, w: Tensor) -> Tensor:
         """``w`` in the memory layout :meth:`forward` / :meth:`adjoint` are fastest with (same values); worth
         it when the same weight is applied several times (an iteration)."""
+        if self.nd == 2 and self.groups == 1 and w.device.type == "cpu" and w.is_contiguous():
+            return w  # the batch-1 matrix path reads the weight as stored
         return self._fast_layout(w)
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
         """A_W x for x of shape ``(N, *input_shape)``."""
+        if self._matrix_path(x, w):
+            return self._forward_cols(self.cols(x), w)
         return self._conv(self._pad(self._fast_layout(x)), w, None, self.stride, self.padding, self.dilation,
                           self.groups)
 
+    def forward_and_cols(self, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(A_W x, cols)``: ``cols`` (or None) can be handed to :meth:`add_weight_grad_` for the same ``x``,
+        which then skips the im2col of ``x``."""
+        if self._matrix_path(x, w):
+            cols_t = self.cols(x)
+            return self._forward_cols(cols_t, w), cols_t
+        return self.forward(x, w), None
+
     def adjoint(self, y: Tensor, w: Tensor) -> Tensor:
         """A_W^T y for y of shape ``(N, *output_shape)`` (exact adjoint of :meth:`forward`)."""
-        z = self._conv_t(self._fast_layout(y), w, None, self.stride, self.padding, self.output_padding,
-                         self.groups, self.dilation)
+        if self._matrix_path(y, w):
+            cout = w.shape[0]
+            ct = y.reshape(cout, -1).t().mm(w.view(cout, -1))  # (L, C k_h k_w) = (W_mat^T Y)^T
+            spatial = self.input_shape[1:]
+            if self.kind:
+                spatial = tuple(s + left + right for s, (left, right) in zip(spatial, self.geometry.pads))
+            z = F.fold(ct.t()[None], spatial, self.geometry.kernel_size, self.dilation, self.padding, self.stride)
+        else:
+            z = self._conv_t(self._fast_layout(y), w, None, self.stride, self.padding, self.output_padding,
+                             self.groups, self.dilation)
         if self.kind == 0:
             return z
         if self.kind == 1:
@@ -263,9 +302,24 @@ class ConvOperator:
         weight's shape and memory layout."""
         if w is None:
             w = torch.zeros(self.weight_shape, dtype=x.dtype, device=x.device)
+        if self._matrix_path(x, w):
+            return y.reshape(w.shape[0], -1).mm(self.cols(x)).view(w.shape)
         return torch.ops.aten.convolution_backward(
             y.contiguous(), self._pad(x.contiguous()), w, None, list(self.stride), list(self.padding),
             list(self.dilation), False, [0] * self.nd, self.groups, [False, True, False])[1]
+
+    def add_weight_grad_(self, out: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
+                         cols: Tensor | None = None) -> Tensor:
+        """``out += alpha * G(x, y)`` in place (``alpha`` a 0-dim tensor), without a separate G on the batch-1
+        matrix path (one product accumulated into ``out``); ``cols`` from :meth:`forward_and_cols` for this
+        ``x``, if at hand."""
+        if self._matrix_path(x, out):
+            cout = out.shape[0]
+            if cols is None:
+                cols = self.cols(x)
+            out.view(cout, -1).addmm_(y.reshape(cout, -1) * alpha, cols)
+            return out
+        return out.add_(self.weight_grad(x, y, out) * alpha)
 
     def __repr__(self) -> str:
         return f"ConvOperator({self.input_shape} -> {self.output_shape}, kind={self.kind})"

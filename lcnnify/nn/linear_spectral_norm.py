@@ -38,6 +38,14 @@ class MatrixOperator:
     def weight_grad(self, x: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
         return y.t().matmul(x)
 
+    def forward_and_cols(self, x: Tensor, w: Tensor) -> tuple[Tensor, None]:
+        return F.linear(x, w), None
+
+    def add_weight_grad_(self, out: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
+                         cols: Tensor | None = None) -> Tensor:
+        """``out += alpha * y^T x`` in place (one product accumulated into ``out``)."""
+        return out.addmm_((y * alpha).t(), x)
+
     def __repr__(self) -> str:
         return f"MatrixOperator({self.input_shape} -> {self.output_shape})"
 

@@ -111,6 +111,15 @@ def _normal_tensors():
         yield
 
 
+_NO_RANGE = contextlib.nullcontext()
+
+
+def _profiler_range(name: str):
+    """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
+    record_function costs a few microseconds even when nothing records)."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else _NO_RANGE
+
+
 def _normalize(t: Tensor, eps: float) -> Tensor:
     return t / torch.linalg.vector_norm(t).clamp_min(eps)
 
@@ -263,32 +272,45 @@ class _SpectralNormalize(torch.autograd.Function):
     """``W / max(sigma, min_sigma)`` with sigma = <u, A_W v> = <W, G> for fixed unit vectors u, v (Miyato).
 
     Backward (sigma >= min_sigma): ``grad_W = (g - <g, W/sigma> G) / sigma``, G = ``op.weight_grad(v, u)``
-    recomputed (one batch-1 weight-gradient); below the floor: ``g / min_sigma``. Under create_graph the same
-    formula is built from differentiable ops with sigma = <W, G>, so double backward is exact.
+    recomputed (one batch-1 weight-gradient, accumulated straight into ``g / sigma`` where the operator can:
+    ``op.add_weight_grad_``, with the im2col matrix of v kept from the power iteration); below the floor:
+    ``g / min_sigma``. Under create_graph the same formula is built from differentiable ops with
+    sigma = <W, G>, so double backward is exact.
     """
 
     @staticmethod
     def forward(ctx, w: Tensor, sigma: Tensor, v: Tensor, u: Tensor, op: LinearOperator,  # type: ignore[override]
-                min_sigma: float) -> Tensor:
+                min_sigma: float, cols: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(w, sigma, v, u)
         ctx.op = op
         ctx.min_sigma = min_sigma
+        ctx.cols = cols  # a no-grad function of v (not an autograd input): kept as a plain attribute
         return w / sigma.clamp_min(min_sigma)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         w, sigma, v, u = ctx.saved_tensors
         floor = ctx.min_sigma
-        with torch.no_grad():
-            G = ctx.op.weight_grad(v, u, w.detach())
         active = sigma >= floor
-        if torch.is_grad_enabled():  # double backward: the derivative of W / <W, G> itself
-            s = torch.where(active, (w * G).sum(), torch.full_like(sigma, floor))
-            c = torch.where(active, (g * w).sum() / s, torch.zeros_like(sigma))
-            return (g - c * G) / s, None, None, None, None, None
-        inv = 1.0 / sigma.clamp_min(floor)
-        c = torch.where(active, torch.dot(g.reshape(-1), w.reshape(-1)) * inv, torch.zeros_like(sigma))
-        return G.mul_(-c * inv).addcmul_(g, inv), None, None, None, None, None
+        with _profiler_range("lcnnify.spectral_norm.sigma_backward"):
+            if torch.is_grad_enabled():  # double backward: the derivative of W / <W, G> itself
+                with torch.no_grad():
+                    G = ctx.op.weight_grad(v, u, w.detach())
+                s = torch.where(active, (w * G).sum(), torch.full_like(sigma, floor))
+                c = torch.where(active, (g * w).sum() / s, torch.zeros_like(sigma))
+                return (g - c * G) / s, None, None, None, None, None, None
+            inv = 1.0 / sigma.clamp_min(floor)
+            if g.is_contiguous() and w.is_contiguous():
+                gw = torch.dot(g.view(-1), w.view(-1))
+            else:
+                gw = (g * w).sum()
+            c = torch.where(active, gw * inv, torch.zeros_like(sigma))
+            out = g * inv
+            add = getattr(ctx.op, "add_weight_grad_", None)
+            if add is None:  # a LinearOperator with weight_grad only
+                G = ctx.op.weight_grad(v, u, w)
+                return out.add_(G * (-c * inv)), None, None, None, None, None, None
+            return add(out, v, u, -c * inv, ctx.cols), None, None, None, None, None, None
 
 
 @dataclass
@@ -407,25 +429,30 @@ class SpectralNormBase(nn.Module):
         self._reseed_collapsed()
 
     # ------------------------------------------------------------------ estimates
-    def _power_step(self, op: LinearOperator, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training: ``n_power_iterations`` iterations from the buffers (no grad), written back to them."""
+    def _power_step(self, op: LinearOperator, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Training: ``n_power_iterations`` iterations from the buffers (no grad), written back to them.
+        Returns sigma, v, u and the operator's im2col matrix of v (or None) for the backward."""
         with torch.no_grad():
             cd = w.dtype
             u = self.u if self.u.dtype == cd else self.u.to(cd)
             v = self.v if self.v.dtype == cd else self.v.to(cd)
             w = _prepare(op, w)
+            fwd = getattr(op, "forward_and_cols", None)
+            if fwd is None:
+                def fwd(x: Tensor, w: Tensor) -> tuple[Tensor, None]:
+                    return op.forward(x, w), None
             if self.n_power_iterations == 0:  # fixed v: sigma = ||A v||, nothing stored
-                av = op.forward(v, w)
+                av, cols = fwd(v, w)
                 sigma = torch.linalg.vector_norm(av)
-                return sigma, v, _unit_or(av, u, self.eps, sigma)
+                return sigma, v, _unit_or(av, u, self.eps, sigma), cols
             for _ in range(self.n_power_iterations):
                 v = _unit_or(op.adjoint(u, w), v, self.eps)
-                av = op.forward(v, w)
+                av, cols = fwd(v, w)
                 sigma = torch.linalg.vector_norm(av)
                 u = _unit_or(av, u, self.eps, sigma)
             self.u.copy_(u)
             self.v.copy_(v)
-        return sigma, v, u
+        return sigma, v, u, cols
 
     @torch.compiler.disable  # data-dependent (cache test, Lanczos stopping rule): runs eagerly under compile
     def _converged_state(self, op: LinearOperator, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -483,16 +510,19 @@ class SpectralNormBase(nn.Module):
         with _normal_tensors(), _no_autocast(weight.device.type):
             cd = _compute_dtype(weight.dtype)
             w = weight if weight.dtype == cd else weight.to(cd)
+            cols = None
             if self.training:
                 self.__dict__.pop("_converged", None)  # the weight is about to change: free the copy
-                sigma, v, u = self._power_step(op, w.detach())
+                with _profiler_range("lcnnify.spectral_norm.power_iteration"):
+                    sigma, v, u, cols = self._power_step(op, w.detach())
             else:
                 sigma, v, u = self._converged_state(op, w.detach())
-            if needs_graph:
-                out = _SpectralNormalize.apply(w, sigma, v, u, op, self.min_sigma)
-            else:
-                with torch.no_grad():
-                    out = w / sigma.clamp_min(self.min_sigma)
+            with _profiler_range("lcnnify.spectral_norm.sigma"):
+                if needs_graph:
+                    out = _SpectralNormalize.apply(w, sigma, v, u, op, self.min_sigma, cols)
+                else:
+                    with torch.no_grad():
+                        out = w / sigma.clamp_min(self.min_sigma)
         self.__dict__["_last_sigma"] = sigma
         return out if out.dtype == weight.dtype else out.to(weight.dtype)
 
