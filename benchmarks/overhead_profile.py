@@ -6,10 +6,13 @@
 
 Same models, variants, data, training step and eval forward as ``benchmarks/overhead.py`` (its ``build``,
 ``train_step_fn``, ``eval_fn``, ``VARIANTS`` are reused): SGD with momentum and the curvature penalty, batch 64,
-64x64 inputs. Each variant runs ``--warmup`` untimed steps, then ``--steps`` steps under ``torch.profiler`` (CPU
-activity only, no shapes or stacks), each step inside one ``record_function`` scope, so that the step's CPU time
-is exactly the sum of the self CPU times of the events below it (aten ops, autograd nodes, labels; the self time
-of a label is the Python between the ops it encloses).
+64x64 inputs. After ``--warmup`` untimed rounds, ``--steps`` rounds run one profiled step of every variant each
+(the order rotating from round to round), each under its own ``torch.profiler`` session (CPU activity only, no
+shapes or stacks) inside one ``record_function`` scope, so that the step's time is exactly the sum of the self
+times of the events below it (aten ops, autograd nodes, labels; the self time of a label is the Python between
+the ops it encloses). The profiler's clock is wall time: of each variant's profiled steps the faster half (at or
+below the median) is attributed and averaged, so that a step that waited for a core on a shared machine does not
+count its wait as its ops' time.
 
 Attribution. Every event's self time goes to exactly one category, so the categories add up to the profiled
 step time of each model and their differences add up to the measured difference (LCNN minus original):
@@ -243,6 +246,29 @@ class Attribution:
             op["self_us"] += e.self_cpu_time_total
             op["calls"] += 1
 
+    @classmethod
+    def combined(cls, parts: list["Attribution"]) -> "Attribution":
+        """Several profiles' steps together (sums; the per-step values divide by the total number of steps)."""
+        new = cls.__new__(cls)
+        new.steps = sum(p.steps for p in parts)
+        new.step_us = sum(p.step_us for p in parts)
+        new.outside_us = sum(p.outside_us for p in parts)
+        new.category_us = {c: sum(p.category_us[c] for p in parts) for c in CATEGORIES}
+        new.ops = defaultdict(lambda: {"self_us": 0.0, "calls": 0})
+        new.category_ops = {c: defaultdict(float) for c in CATEGORIES}
+        new.category_calls = {c: defaultdict(int) for c in CATEGORIES}
+        for p in parts:
+            for k, d in p.ops.items():
+                new.ops[k]["self_us"] += d["self_us"]
+                new.ops[k]["calls"] += d["calls"]
+            for c in CATEGORIES:
+                for k, us in p.category_ops[c].items():
+                    new.category_ops[c][k] += us
+                for k, n in p.category_calls[c].items():
+                    new.category_calls[c][k] += n
+        new.all_steps_ms = [t for p in parts for t in getattr(p, "all_steps_ms", [p.step_us / 1e3 / p.steps])]
+        return new
+
     @staticmethod
     def _in_backward(e: Any) -> bool:
         p = e
@@ -327,19 +353,40 @@ class Attribution:
         return self.step_us / 1e3 / self.steps
 
 
-def profile_steps(fn: Callable[[], object], model: nn.Module, warmup: int, steps: int) -> Attribution:
-    """Run ``fn`` ``warmup`` times, then ``steps`` times under the profiler with module scopes attached."""
+def profile_step(fn: Callable[[], object]) -> Attribution:
+    """One call of ``fn`` under the profiler, inside the step scope."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=False) as prof:
+        with record_function(STEP_LABEL):
+            fn()
+    return Attribution(prof.events(), 1)
+
+
+def profile_rounds(fns: dict[str, Callable[[], object]], models: dict[str, nn.Module], warmup: int,
+                   steps: int) -> dict[str, list[Attribution]]:
+    """``warmup`` unprofiled rounds, then ``steps`` rounds in which every variant runs one profiled step, the order
+    rotating from round to round (as the unprofiled timing), with the module scopes attached."""
+    names = list(fns)
     for _ in range(warmup):
-        fn()
-    scopes = Scopes(model)
+        for fn in fns.values():
+            fn()
+    scopes = [Scopes(m) for m in models.values()]
+    out: dict[str, list[Attribution]] = {v: [] for v in names}
     try:
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=False) as prof:
-            for _ in range(steps):
-                with record_function(STEP_LABEL):
-                    fn()
+        for r in range(steps):
+            for j in range(len(names)):
+                v = names[(r + j) % len(names)]
+                out[v].append(profile_step(fns[v]))
     finally:
-        scopes.remove()
-    return Attribution(prof.events(), steps)
+        for s in scopes:
+            s.remove()
+    return out
+
+
+def faster_half(parts: list[Attribution]) -> Attribution:
+    """The profiled steps at or below the median step time, combined: the profiler's clock is wall time, and on
+    a shared machine a step that waited for a core would otherwise count its wait as its ops' time."""
+    med = statistics.median(p.step_us for p in parts)
+    return Attribution.combined([p for p in parts if p.step_us <= med])
 
 
 # ------------------------------------------------------------------------------------------ micro-measurement
@@ -397,7 +444,8 @@ def micro_elementwise(shapes: list[tuple[int, ...]], reps: int, beta: float = 5.
         return run
 
     fns["relu_fwd_bwd"] = fwd_bwd(torch.relu)
-    fns["centered_softplus_fwd_bwd"] = fwd_bwd(lambda x: centered_softplus(x, b))
+    b_train = b.clone().requires_grad_()  # training: the backward also computes d/dbeta
+    fns["centered_softplus_fwd_bwd"] = fwd_bwd(lambda x: centered_softplus(x, b_train))
     total = sum(int(torch.Size(s).numel()) * c for s, c in counts.items())
     ns = {k: 0.0 for k in fns}
     per_shape = []
@@ -437,9 +485,12 @@ def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             m.train(mode == "train")
             fns[v] = train_step_fn(m, o, x, y, lc) if mode == "train" else eval_fn(m, x)
         # unprofiled: process CPU time of rotated rounds (the step as overhead.py times it)
-        timing = rotated_rounds(fns, args.timing_rounds, warmup=args.warmup)["cpu"] if args.timing_rounds else {}
-        prof = {v: profile_steps(fns[v], built[v][0], args.warmup, args.steps) for v in variants}
+        timing = rotated_rounds(fns, args.timing_rounds, warmup=args.warmup) if args.timing_rounds else {}
+        rounds = profile_rounds(fns, {v: b[0] for v, b in built.items()}, args.warmup, args.steps)
+        prof = {v: faster_half(parts) for v, parts in rounds.items()}
         res["modes"][mode] = summarize(prof, timing, built)
+        for v, parts in rounds.items():
+            res["modes"][mode]["variants"][v]["profiled_steps_ms"] = [p.step_ms() for p in parts]
         for _, o, _ in built.values():
             o.zero_grad(set_to_none=True)
     lcnn = built["lcnn"][0]
@@ -486,7 +537,8 @@ def summarize(prof: dict[str, Attribution], timing: dict[str, list[float]], buil
             "category_calls": {c: {k: n / a.steps for k, n in d.items()} for c, d in a.category_calls.items() if d},
         }
         if timing:
-            entry["unprofiled_cpu_s"] = spread(timing[v])
+            entry["unprofiled_cpu_s"] = spread(timing["cpu"][v])
+            entry["unprofiled_wall_s"] = spread(timing["wall"][v])
         if v != "original":
             bcats = base.categories_ms()
             diff = {c: cats[c] - bcats[c] for c in CATEGORIES}
@@ -508,7 +560,8 @@ def summarize(prof: dict[str, Attribution], timing: dict[str, list[float]], buil
                   "original_calls": bops.get(k, zero)["calls"], "lcnn_calls": entry["ops"].get(k, zero)["calls"]}
                  for k in names), key=lambda r: -abs(r["diff_ms"]))
             if timing:
-                entry["unprofiled_ratio"] = paired_ratios(timing[v], timing["original"])
+                entry["unprofiled_ratio"] = paired_ratios(timing["cpu"][v], timing["cpu"]["original"])
+                entry["unprofiled_ratio_wall"] = paired_ratios(timing["wall"][v], timing["wall"]["original"])
         out["variants"][v] = entry
     return out
 
@@ -519,8 +572,10 @@ def _top_ops(entry: dict, base: dict, cat: str, k: int = 3) -> str:
     lo = entry["category_ops_ms"].get(cat, {})
     bo = base["category_ops_ms"].get(cat, {})
     lc = entry["category_calls"].get(cat, {})
+    bc = base["category_calls"].get(cat, {})
     rows = sorted(((n, lo.get(n, 0.0) - bo.get(n, 0.0)) for n in set(lo) | set(bo)), key=lambda r: -abs(r[1]))
-    return ", ".join(f"`{n}` {d:+.1f} ms ({lc.get(n, 0):.0f} calls)" for n, d in rows[:k] if abs(d) >= 0.05) or "-"
+    return ", ".join(f"`{n}` {d:+.1f} ms ({bc.get(n, 0):.0f} -> {lc.get(n, 0):.0f} calls)"
+                     for n, d in rows[:k] if abs(d) >= 0.05) or "-"
 
 
 def remedies(mode: str, mres: dict, model_res: dict) -> dict[str, str]:
@@ -535,27 +590,27 @@ def remedies(mode: str, mres: dict, model_res: dict) -> dict[str, str]:
     if micro:
         ns = micro["ns_per_element"]
         n_elem = micro["elements_per_forward"]
-        m_elem = n_elem / 1e6
-        fwd_ms = lc["categories_ms"]["act_fwd"]
-        floor_fwd = (ns["exp"] + ns["log"]) * n_elem / 1e6
-        relu_fwd = ns["relu"] * n_elem / 1e6
-        lines["act_fwd"] = (
-            f"{m_elem:.1f} M activation elements per forward; profiled {fwd_ms / max(m_elem, 1e-9):.2f}"
-            f" ns/elem here, micro: centered softplus fwd {ns['centered_softplus_fwd']:.2f} ns/elem vs ReLU "
-            f"{ns['relu']:.2f}, exp {ns['exp']:.2f}, log {ns['log']:.2f}, tanh {ns['tanh']:.2f}, sigmoid "
-            f"{ns['sigmoid']:.2f}, expm1 {ns['expm1']:.2f}, log1p {ns['log1p']:.2f}. A fused one-pass kernel at "
-            f"one exp + one log per element would cost {floor_fwd:.1f} ms (saves {fwd_ms - floor_fwd:.1f} ms, "
-            f"{(fwd_ms - floor_fwd) / orig:.1%} of the original step); only a ReLU-cost kernel "
-            f"({relu_fwd:.1f} ms) removes it all.")
+        ms = n_elem / 1e6  # ns/element -> ms per forward
+
+        def act_line(cur: str, relu: str, floor: float, floor_text: str, cat: str) -> str:
+            c, r, prof = ns[cur], ns[relu], lc["categories_ms"][cat]
+            return (f"{n_elem / 1e6:.1f} M activation elements per forward. Micro (ns/element at these sizes): "
+                    f"centered softplus {c:.2f} vs ReLU {r:.2f}, i.e. {(c - r) * ms:.1f} ms per step of element-wise "
+                    f"work (profiled here: {prof:.1f} ms = {prof / ms:.2f} ns/element with the profiler and Python). "
+                    f"{floor_text} ({floor:.2f} ns) would save {(c - floor) * ms:.1f} ms "
+                    f"({(c - floor) * ms / orig:.1%} of the original step) and leave {(floor - r) * ms:.1f} ms over "
+                    f"ReLU; only a ReLU-cost kernel removes it all. Top ops: {_top_ops(lc, base, cat)}.")
+
+        lines["act_fwd"] = act_line(
+            "centered_softplus_fwd", "relu", ns["exp"] + ns["log"],
+            f"The functions it needs cost: exp {ns['exp']:.2f}, log {ns['log']:.2f}, tanh {ns['tanh']:.2f}, "
+            f"sigmoid {ns['sigmoid']:.2f}, expm1 {ns['expm1']:.2f}, log1p {ns['log1p']:.2f}; one fused pass at "
+            f"one exp + one log per element", "act_fwd")
         if mode == "train":
-            bwd_ms = lc["categories_ms"]["act_bwd"]
-            floor_bwd = (ns["exp"] + ns["relu"]) * n_elem / 1e6  # one exp + one multiply-add pass
-            lines["act_bwd"] = (
-                f"micro: centered softplus bwd {ns['centered_softplus_bwd']:.2f} ns/elem vs ReLU bwd "
-                f"{ns['relu_bwd']:.2f}; d/dx = 1 - exp(-beta y)/2 needs one exp per element, plus the d/dbeta "
-                f"reduction: a fused kernel at exp + one pass ({floor_bwd:.1f} ms) saves "
-                f"{bwd_ms - floor_bwd:.1f} ms ({(bwd_ms - floor_bwd) / orig:.1%}); top ops: "
-                f"{_top_ops(lc, base, 'act_bwd')}.")
+            lines["act_bwd"] = act_line(
+                "centered_softplus_bwd", "relu_bwd", ns["exp"] + ns["log"],
+                "From the output, d/dx = 1 - exp(-beta y)/2 needs one exp per element and d/dbeta one log more; "
+                "one fused pass at one exp + one log per element", "act_bwd")
     n_sn = counts["spectral_norm_layers"]
     if mode == "train":
         p = lc["categories_ms"]["sn_power"]
@@ -667,11 +722,16 @@ def report_model(name: str, res: dict, args: argparse.Namespace, ops_rows: int) 
                 f"LCNN part (other ops + Python).")
         if "unprofiled_ratio" in lc:
             r = lc["unprofiled_ratio"]
+            rw = lc["unprofiled_ratio_wall"]
             t0 = mres["variants"]["original"]["unprofiled_cpu_s"]["median"] * 1e3
             t1 = lc["unprofiled_cpu_s"]["median"] * 1e3
-            line += (f" Unprofiled (process CPU time, {args.timing_rounds} rotated rounds): original {t0:.1f} ms, "
-                     f"LCNN {t1:.1f} ms, ratio {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}] "
-                     f"(profiled ratio {lc['step_ms'] / mres['variants']['original']['step_ms']:.3f}).")
+            w0 = mres["variants"]["original"]["unprofiled_wall_s"]["median"] * 1e3
+            w1 = lc["unprofiled_wall_s"]["median"] * 1e3
+            line += (f" Unprofiled ({args.timing_rounds} rotated rounds, medians): process CPU time original "
+                     f"{t0:.1f} ms, LCNN {t1:.1f} ms, ratio {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]; wall "
+                     f"{w0:.1f} / {w1:.1f} ms, ratio {rw['median']:.3f} [{rw['q1']:.3f}, {rw['q3']:.3f}]. Profiled "
+                     f"ratio {lc['step_ms'] / mres['variants']['original']['step_ms']:.3f}: the profiler adds a "
+                     f"fixed cost per op, and the LCNN runs more ops.")
         out += [line, "", _variant_table(mres, "lcnn"), "", "What would remove each cost (from the numbers above):", ""]
         for c, text in res["remedies"][mode].items():
             out.append(f"- **{CATEGORIES[c]}**: {text}")
@@ -709,7 +769,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenetv3_small_100"], help="timm model names")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per variant and mode")
+    p.add_argument("--steps", type=int, default=6,
+                   help="profiled rounds (one step of every variant each); the faster half is attributed")
     p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
     p.add_argument("--timing-rounds", type=int, default=5, help="unprofiled rotated rounds (0: skip)")
     p.add_argument("--micro-reps", type=int, default=5, help="repetitions per micro-measurement (0: skip)")
@@ -743,9 +804,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         head = (f"# Where the LCNN's extra time goes (torch.profiler, CPU)\n\nGenerated by "
                 f"`python benchmarks/overhead_profile.py` (commit {payload['config']['commit']}, torch "
                 f"{torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, "
-                f"{args.steps} profiled steps after {args.warmup} warm-up steps per variant). Self CPU time of "
-                f"every profiled event, per step, attributed to the LCNN part it belongs to (method: the script's "
-                f"docstring); the profiler itself adds time per op, so the unprofiled ratio is given too.\n")
+                f"{args.steps} profiled rounds of one step per variant after {args.warmup} warm-up rounds; the "
+                f"steps at or below the median step time are attributed). Self CPU time of every profiled event, "
+                f"per step, attributed to the LCNN part it belongs to (method: the script's docstring); the "
+                f"profiler adds time per op and its clock is wall time, so the unprofiled times are given too. "
+                f"Percentages are of the profiled original step.\n")
         md.write_text(head + "\n" + "\n\n".join(texts) + "\n")
         print(f"wrote {md}")
     return payload
