@@ -619,11 +619,12 @@ def remedies(mode: str, mres: dict, model_res: dict) -> dict[str, str]:
             f"{n_sn} spectral norms, one power iteration each per step ({calls:.0f} events, "
             f"{p / max(n_sn, 1) * 1e3:.0f} us per layer); top ops: {_top_ops(lc, base, 'sn_power')}. Iterating every "
             f"k-th step saves (1 - 1/k) of it (k = 2: {p / 2:.1f} ms, k = 4: {3 * p / 4:.1f} ms) at the cost of a "
-            f"staler sigma; a faster batch-1 conv/conv_transpose path is the only lossless removal.")
+            f"staler sigma; the lossless removal is a cheaper batch-1 application of the operator and its adjoint "
+            f"(the top ops above).")
         w = counts["spectral_norm_weight_elements"]
         nm = lc["categories_ms"]["sn_normalize"]
         lines["sn_normalize"] = (
-            f"W/sigma forward + backward (dot, recomputed G, axpy) over {w / 1e6:.1f} M weight elements: "
+            f"W/sigma forward + its backward (the sigma-gradient term) over {w / 1e6:.1f} M weight elements: "
             f"{nm / max(w, 1) * 1e6:.2f} ns per weight element; top ops: {_top_ops(lc, base, 'sn_normalize')}. "
             f"Folding 1/sigma into the convolution (one scale in its weight packing, or on its output) removes "
             f"the separate weight-sized passes.")
