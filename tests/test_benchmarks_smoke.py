@@ -6,6 +6,7 @@ own step total), and that known ops land in the category of the part that ran th
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def test_attribution_by_scope_and_by_backward_node(op):
     assert sum(a.category_us.values()) == pytest.approx(a.step_us, rel=1e-9)
 
 
-def test_quick_run_sums_to_the_measured_difference(op):
+def test_quick_run_sums_to_the_measured_difference(op, tmp_path):
     """--quick on resnet18: per model the categories add up to the profiled step, their differences to the step
     difference; the main convolutions are the same calls in both models, the spectral norm exists only in the LCNN."""
-    payload = op.main(["--quick"])
+    out = tmp_path / "profile.json"
+    payload = op.main(["--quick", "--out", str(out)])
     res = payload["models"]["resnet18"]
     for mode in ("train", "eval"):
         variants = res["modes"][mode]["variants"]
@@ -84,3 +86,9 @@ def test_quick_run_sums_to_the_measured_difference(op):
     assert "_CenteredSoftplusFnBackward" in train["category_ops_ms"]["act_bwd"]
     ns = res["micro"]["ns_per_element"]
     assert all(v == v and v >= 0 for k, v in ns.items() if not k.endswith("_bwd"))
+    # the written files: the JSON's differences still add up (rounded), the report has both tables
+    written = json.loads(out.read_text())["models"]["resnet18"]["modes"]["train"]["variants"]["lcnn"]
+    assert sum(written["difference"]["categories_ms"].values()) == pytest.approx(
+        written["difference"]["total_ms"], abs=1e-3 * len(op.CATEGORIES))
+    md = out.with_suffix(".md").read_text()
+    assert "### training step" in md and "### eval forward" in md
