@@ -10,7 +10,10 @@ For each model, the plain timm model ("original") and these conversions of it ar
 * ``softplus only``: only the activations converted (``spectral_norm_conv/linear=False``,
   ``lipschitz_batchnorm=False``);
 * ``spectral norm only``: only the conv/linear spectral norms (activations kept: ReLU and smooth ones);
-* ``Lipschitz BN only``: only the BatchNorms converted (activations kept, no spectral norms).
+* ``Lipschitz BN only``: only the BatchNorms converted (activations kept, no spectral norms);
+* ``lcnn, compiled softplus``: the full LCNN with ``lcnnify.nn.fused_softplus.enable_fused_kernels()`` (the
+  centered softplus as one torch.compile'd loop per direction; opt-in, needs a working compiler; switched on
+  only around this variant's steps, skipped with a message where it does not compile; ``--no-compiled``).
 
 Training step = forward + cross-entropy (+ curvature penalty for the conversions) + backward + SGD step with the
 paper's optimizer (momentum 0.9, weight decay 5e-4 except beta/gamma); eval forward = eval mode under no_grad.
@@ -58,7 +61,35 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "softplus only": dict(**NO_SPECTRAL_NORM, lipschitz_batchnorm=False),
     "spectral norm only": dict(**KEEP_ACTIVATIONS, lipschitz_batchnorm=False),
     "Lipschitz BN only": dict(**KEEP_ACTIVATIONS, **NO_SPECTRAL_NORM),
+    "lcnn, compiled softplus": {},
 }
+#: variants run with lcnnify.nn.fused_softplus.enable_fused_kernels() (skipped where compiling fails)
+COMPILED = ("lcnn, compiled softplus",)
+
+
+def kernels_switch(variant: str, fn):
+    """fn run with the compiled centered-softplus kernels on for COMPILED variants, off for every other."""
+    from lcnnify.nn.fused_softplus import disable_fused_kernels, enable_fused_kernels
+
+    def run() -> None:
+        if variant in COMPILED:
+            enable_fused_kernels(warm_up=False)  # compiled once (compiled_kernels_work); a dict lookup here
+        else:
+            disable_fused_kernels()
+        try:
+            fn()
+        finally:
+            disable_fused_kernels()
+    return run
+
+
+def compiled_kernels_work() -> bool:
+    """Compile the centered-softplus kernels now (False, with the compiler's warning, if that fails)."""
+    from lcnnify.nn.fused_softplus import disable_fused_kernels, enable_fused_kernels
+
+    ok = enable_fused_kernels()
+    disable_fused_kernels()
+    return ok
 DEFAULT_MODELS = ("resnet18", "mobilenetv3_small_100")
 
 
@@ -110,7 +141,10 @@ def memory_probe(model: str, variant: str, mode: str, batch: int, size: int, ste
     cuda = dev.type == "cuda"
     m, opt, lcnn = build(model, variant, size, dev)
     x, y = _data(batch, size, dev)
+    if variant in COMPILED and not compiled_kernels_work():
+        raise RuntimeError("the compiled centered-softplus kernels do not build here")
     run = train_step_fn(m, opt, x, y, lcnn) if mode == "train" else eval_fn(m, x)
+    run = kernels_switch(variant, run)
     m.train(mode == "train")
 
     def settle() -> float:  # memory in use now, after dropping what is free
@@ -151,17 +185,18 @@ def measure_memory(args: argparse.Namespace, model: str, variant: str, mode: str
 def run_model(args: argparse.Namespace, name: str) -> dict:
     dev = torch.device(args.device)
     x, y = _data(args.batch, args.size, dev)
-    variants = [v for v in VARIANTS if args.breakdown or v in ("original", "lcnn")]
+    variants = [v for v in VARIANTS if (args.breakdown or v in ("original", "lcnn"))
+                and (v not in COMPILED or args.compiled) and (not args.variants or v in args.variants)]
     built = {v: build(name, v, args.size, dev) for v in variants}
     for m, _, _ in built.values():
         m.train()
-    t_train = rotated_rounds({v: train_step_fn(m, o, x, y, lc) for v, (m, o, lc) in built.items()},
-                             args.repeats, warmup=args.warmup, device=dev)
+    t_train = rotated_rounds({v: kernels_switch(v, train_step_fn(m, o, x, y, lc))
+                              for v, (m, o, lc) in built.items()}, args.repeats, warmup=args.warmup, device=dev)
     for m, o, _ in built.values():
         o.zero_grad(set_to_none=True)
         m.eval()
-    t_eval = rotated_rounds({v: eval_fn(m, x) for v, (m, _, _) in built.items()}, args.repeats,
-                            warmup=args.warmup, device=dev)
+    t_eval = rotated_rounds({v: kernels_switch(v, eval_fn(m, x)) for v, (m, _, _) in built.items()},
+                            args.repeats, warmup=args.warmup, device=dev)
     del built
     gc.collect()
     memory: dict[str, dict[str, dict]] = {}
@@ -237,6 +272,10 @@ def main() -> None:
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="only the original and the full LCNN")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   help="only these variants (default: all; 'original' is always needed for the ratios)")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                   help="skip the variant with the compiled (torch.compile) centered-softplus kernels")
     p.add_argument("--quick", action="store_true",
                    help="resnet18, batch 8, 32x32, 3 rounds, original vs lcnn only, 1 memory step")
     p.add_argument("--out", help="JSON output (default: overhead.json next to this script; --quick: none)")
@@ -250,7 +289,12 @@ def main() -> None:
         args.models, args.batch, args.size, args.repeats, args.warmup, args.memory_steps = (
             ["resnet18"], 8, 32, 3, 1, 1)
         args.breakdown = False
+    if args.variants and "original" not in args.variants:
+        args.variants.insert(0, "original")
     torch.set_num_threads(args.threads)
+    if args.compiled and args.breakdown and not compiled_kernels_work():
+        print("compiled centered-softplus kernels unavailable here: that variant is skipped", flush=True)
+        args.compiled = False
     out = args.out or (None if args.quick else str(Path(__file__).with_suffix(".json")))
     results = {}
     for name in args.models:

@@ -2,17 +2,18 @@
 
     s0(x; beta) = (softplus(beta x) - log 2) / beta = log((1 + exp(beta x)) / 2) / beta
 
-Forward. With a = beta |x| and w = tanh(a / 2) in [0, 1):  (1 + e^-a) / 2 = 1 / (1 + w), hence
+Everything is element-wise exp2/exp, log, multiply/add and polynomials: the functions that are vectorized
+on CPU (``expm1``, ``log1p``, ``softplus`` and ``tanh`` are several times slower per element in common torch
+builds). With a = beta |x| and f(a) = log((1 + e^-a) / 2) in [-log 2, 0]:
 
-    s0(x; beta) = relu(x) - log1p(w) / beta,        log1p(w) = w * log(u) / (u - 1),  u = fl(1 + w)
+    s0(x; beta) = relu(x) + f(a) / beta,        |s0 - relu| <= log 2 / beta
 
-(Goldberg's log1p: ``u - 1`` is exact, so the ratio log(u)/(u - 1), a smooth function of the rounded u, is
-accurate to a few ulp; w is clamped below at one ulp so that u != 1). Only tanh, log, abs, clamp and
-multiply/add passes are used (no ``expm1``/``log1p``/``softplus``, whose CPU speed is erratic in some torch
-builds).
-tanh keeps full relative precision for small a, so there is no cancellation anywhere: s0(0) = 0 exactly,
-s0 -> x/2 as beta -> 0 (w ~ a/2), nothing overflows (w saturates at 1 for any beta |x| up to inf), and the
-correction lies in [-log 2 / beta, 0], so |s0 - relu| <= log 2 / beta.
+Forward, float32: f = log(e/2 + 1/2), e = 2^(-a log2 e), for a > 0.75 (no cancellation there), and
+f = -a/2 + logcosh(a/2) by its Taylor series (5 terms, error below one ulp) for a <= 0.75, where the log form
+would lose relative precision. float64: with w = tanh(a / 2), f = -log1p(w) by Goldberg's log1p
+(w log(u) / (u - 1), u = fl(1 + w): ``u - 1`` is exact, so the ratio is accurate to a few ulp).
+In both, s0(0) = 0 exactly, s0 -> x/2 as beta -> 0, and nothing overflows (e underflows to 0 for any
+beta |x| up to inf).
 
 Backward from the output alone (like ReLU: the input is not saved, in-place updates of the input after the
 call are harmless). With z = beta y >= -log 2, e = exp(-z), t = beta x:
@@ -22,9 +23,11 @@ call are harmless). With z = beta y >= -log 2, e = exp(-z), t = beta x:
                 w = 1 - e = tanh(t / 2) in [-1, 1)
 
 q ~ w^2 / 2 near 0, so it is computed without cancellation: w = (e - 1)/log(e) * z (Kahan's expm1, exact
-for the rounded e), and 2q = A = w (z + w (G1 - G2)) for small |w| (G1 = log1p(w)/w, G2 = log1p(-w^2)/(-w^2),
-both Goldberg ratios), 2q = D = (1 + w) log1p(w) - e z for large |w| (no cancellation there), blended
-linearly over 0.5 <= |w| <= 0.7 where both are accurate. Everything is element-wise exp/log/mul/add.
+for the rounded e), then, float32: 2q = sum_k w^2k / (k (2k - 1)) (8 terms) for w^2 <= 0.16 and
+2q = (1 + w) log(1 + w) - e z above (no cancellation there); float64: 2q = w (z + w (G1 - G2)) for small
+|w| (G1 = log1p(w)/w, G2 = log1p(-w^2)/(-w^2), both Goldberg ratios), (1 + w) log1p(w) - e z for large
+|w|, blended linearly over 0.5 <= |w| <= 0.7. Branches are selected by a 0/1 (or linear) lerp weight,
+not a masked select (several times slower on CPU).
 
 Accuracy limits that come from saving only the output: y holds sigmoid(t) only to absolute precision (about
 one ulp of log 2), so ds0/dx is relative-accurate for t >~ -6 and absolute-accurate (~1e-7 in float32) below,
@@ -170,7 +173,7 @@ class _Chunks:
 _CHUNK_PER_THREAD = 1 << 17  # elements per thread and chunk: scratch buffers of 512 KiB
 
 # Optional compiled kernels (set by lcnnify.nn.fused_softplus.enable_fused_kernels): an object with
-# forward(x, beta) -> y | None and backward(y, beta, grad, need_x, need_b) -> (gx, gb) | None; None = not
+# forward(x, beta, inplace) -> y | None and backward(y, beta, grad, need_x, need_b) -> (gx, gb) | None; None = not
 # applicable here, use the eager path. Never used for double backward.
 _FUSED = None
 
@@ -266,9 +269,9 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, beta: Tensor, inplace: bool = False) -> Tensor:  # type: ignore[override]
         if _FUSED is not None:
-            y = _FUSED.forward(x, beta)
+            y = _FUSED.forward(x, beta, inplace)
             if y is not None:
-                return x.copy_(y) if inplace else y
+                return y
         out = x if inplace else torch.empty_like(x)
         ch = _Chunks(x, beta)
         for k in range(len(ch)):

@@ -11,8 +11,8 @@ Opt-in, never required::
     from lcnnify.nn.fused_softplus import enable_fused_kernels
     enable_fused_kernels()          # True if the kernels compiled, else False (with a warning)
 
-Used only where it applies: float32, a single (scalar) beta, contiguous input of at least ``min_numel``
-elements, first-order backward. Everything else (per-channel beta, float64/bfloat16, double backward under
+Used only where it applies: float32, a single (scalar) beta, a contiguous or channels-last input of at
+least ``min_numel`` elements, first-order backward (in-place activations are computed in place). Everything else (per-channel beta, float64/bfloat16, double backward under
 ``create_graph``, tracing by an outer ``torch.compile``) takes the exact eager path. If the compiler is
 missing or fails (no C++ compiler, unsupported platform), the kernels are switched off with a warning and
 the eager path is used; nothing else changes.
@@ -41,6 +41,25 @@ def _fwd(x: Tensor, beta: Tensor) -> Tensor:
     return _csp._forward_graph(x, beta)
 
 
+def _fwd_inplace(x: Tensor, beta: Tensor) -> None:
+    x.copy_(_csp._forward_graph(x, beta))  # the compiler writes the result straight into x
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """A 1-D view of t's elements in memory order (contiguous or channels-last), else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    for fmt, perm in ((torch.channels_last, (0, 2, 3, 1)), (torch.channels_last_3d, (0, 2, 3, 4, 1))):
+        if t.dim() == len(perm) and t.is_contiguous(memory_format=fmt):
+            return t.permute(perm).reshape(-1)  # a view: the permuted tensor is contiguous
+    return None
+
+
+def _unflat(flat: Tensor, like: Tensor) -> Tensor:
+    """flat (from :func:`_flat` of a tensor laid out like ``like``) viewed with like's shape and strides."""
+    return flat.as_strided(like.shape, like.stride())
+
+
 def _bwd_x(y: Tensor, beta: Tensor, g: Tensor) -> Tensor:
     _, e = _csp._slope_terms(y, beta)
     return g * (1.0 - 0.5 * e)
@@ -62,31 +81,44 @@ class _FusedKernels:
     def __init__(self, compile_fn: Callable, min_numel: int) -> None:
         opts = dict(dynamic=True, fullgraph=True)
         self.fwd = compile_fn(_fwd, **opts)
+        self.fwd_inplace = compile_fn(_fwd_inplace, **opts)
         self.bwd = {(True, False): compile_fn(_bwd_x, **opts), (False, True): compile_fn(_bwd_b, **opts),
                     (True, True): compile_fn(_bwd_xb, **opts)}
         self.min_numel = int(min_numel)
 
     def applies(self, t: Tensor, beta: Tensor) -> bool:
-        return (t.dtype == torch.float32 and beta.numel() == 1 and t.is_contiguous()
-                and t.numel() >= self.min_numel and not torch.compiler.is_compiling())
+        return (t.dtype == torch.float32 and beta.numel() == 1 and t.numel() >= self.min_numel
+                and not torch.compiler.is_compiling() and _flat(t) is not None)
 
-    def forward(self, x: Tensor, beta: Tensor) -> Tensor | None:
+    def forward(self, x: Tensor, beta: Tensor, inplace: bool = False) -> Tensor | None:
+        """s0(x; beta) (written over x if ``inplace``), or None where the kernels do not apply."""
         if not self.applies(x, beta):
             return None
-        return self._guarded(lambda: self.fwd(x.detach().view(-1), beta.detach().reshape(())).view(x.shape))
+        b = beta.detach().reshape(())
+        xf = _flat(x.detach())
+
+        def run():
+            if inplace:
+                self.fwd_inplace(xf, b)
+                return x
+            return _unflat(self.fwd(xf, b), x)
+
+        return self._guarded(run)
 
     def backward(self, y: Tensor, beta: Tensor, grad: Tensor, need_x: bool, need_b: bool):
         if not (need_x or need_b) or not self.applies(y, beta):
             return None
-        g = grad.contiguous().view(-1)
+        fmt = torch.contiguous_format if y.is_contiguous() else (
+            torch.channels_last if y.dim() == 4 else torch.channels_last_3d)
+        g = _flat(grad.contiguous(memory_format=fmt))
         b = beta.detach().reshape(())
 
         def run():
-            out = self.bwd[(need_x, need_b)](y.detach().view(-1), b, g)
+            out = self.bwd[(need_x, need_b)](_flat(y.detach()), b, g)
             if need_x and need_b:
-                return out[0].view(y.shape), out[1].reshape(beta.shape)
+                return _unflat(out[0], y), out[1].reshape(beta.shape)
             if need_x:
-                return out.view(y.shape), None
+                return _unflat(out, y), None
             return None, out.reshape(beta.shape)
 
         return self._guarded(run)
@@ -95,6 +127,7 @@ class _FusedKernels:
         x = torch.randn(1 << 20) * 3.0
         b = torch.tensor(2.0)
         y = self.fwd(x, b)
+        self.fwd_inplace(x.clone(), b)
         for fn in self.bwd.values():
             fn(y, b, torch.randn(1 << 20))
 

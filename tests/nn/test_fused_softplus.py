@@ -91,6 +91,43 @@ def test_identity_compiler_handles_frozen_beta_inplace_and_noncontiguous_grad():
     assert torch.allclose(y, centered_softplus(x, 1.5), rtol=2.4e-7, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d", "strided"])
+def test_identity_compiler_channels_last_and_inplace_keep_layout_and_values(layout):
+    """Channels-last inputs run through the kernels on their memory order (no copy), in-place activations
+    through the in-place kernel (the input's storage is the output); other strides take the eager path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, 3) if layout == "channels_last_3d" else torch.randn(2, 6, 5, 4)
+    x = x * 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":
+        x = x.transpose(1, 2)
+    g = torch.randn(x.shape)  # contiguous: a different layout than a channels-last y
+    want = []
+    for fused in (False, True):
+        rec = _Recorder()
+        if fused:
+            enable_fused_kernels(min_numel=0, warm_up=False, compile_fn=rec)
+        xr = x.clone().requires_grad_(True)
+        act = CenteredSoftplus(2.0)
+        y = act(xr)
+        gx, gl = torch.autograd.grad(y, (xr, act.log_beta), g)
+        h = x.clone()
+        yi = centered_softplus(h, 2.0, inplace=True)
+        assert yi.data_ptr() == h.data_ptr() and yi.stride() == x.stride()
+        assert y.stride() == x.stride() and gx.stride() == x.stride()
+        want.append((y.detach(), gx, gl, yi))
+        if fused:
+            used = layout != "strided"
+            assert rec.calls == ({"_fwd": 1, "_bwd_xb": 1, "_fwd_inplace": 1} if used else {})
+    (y0, gx0, gl0, yi0), (y1, gx1, gl1, yi1) = want
+    assert torch.allclose(y1, y0, rtol=2.4e-7, atol=0) and torch.allclose(yi1, y0, rtol=2.4e-7, atol=0)
+    assert ((gx1 - gx0).abs() <= 2.4e-7 * gx0.abs() + 2e-7 * g.abs()).all()
+    assert torch.allclose(gl1, gl0, rtol=1e-5, atol=0)
+
+
 def test_failing_compiler_falls_back_to_eager_with_a_warning():
     def broken(fn, **kwargs):
         def run(*args):
@@ -137,3 +174,10 @@ def test_inductor_kernels_match_float64_references():
             want = ref_dbeta(xk.detach().double(), bk.detach().double())
             rtol = rb_hi if float(xk.detach()) * beta > -6 else rb_lo
             assert abs(gb.double() - want).item() <= 2 * rtol * abs(want).item()
+    # in place on a channels-last tensor: the in-place kernel, layout kept
+    x = (torch.randn(4, 8, 6, 5) * 3).contiguous(memory_format=torch.channels_last)
+    h = x.clone()
+    y = centered_softplus(h, 2.0, inplace=True)
+    assert y.data_ptr() == h.data_ptr() and y.is_contiguous(memory_format=torch.channels_last)
+    want = ref_value(x.double(), torch.tensor(2.0, dtype=torch.float64))
+    assert ((y.double() - want).abs() <= 2 * rv * want.abs()).all()
