@@ -66,7 +66,8 @@ def rotated_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
     variant always runs right after the same one (caches, allocator state, thermal drift).
 
     Returns ``{"wall": {name: seconds}, "cpu": {name: seconds}}``: wall-clock time, and the CPU time of this
-    process (all its threads; on a shared machine it leaves out the time spent waiting for a core)."""
+    process (all its threads; on a shared machine it leaves out the time spent waiting for a core); on CUDA
+    also ``"gpu"``: the time between CUDA events recorded on the stream before and after each call."""
     names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
@@ -74,16 +75,25 @@ def rotated_rounds(fns: dict[str, Callable[[], object]], repeats: int, warmup: i
     _sync(device)
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
+    gpu: dict[str, list[float]] = {k: [] for k in fns}
+    cuda = device.type == "cuda"
     for r in range(repeats):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
             _sync(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
+            if cuda:
+                end.record()
             _sync(device)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    return {"wall": wall, "cpu": cpu}
+            if cuda:
+                gpu[name].append(start.elapsed_time(end) / 1000.0)
+    return {"wall": wall, "cpu": cpu, **({"gpu": gpu} if cuda else {})}
 
 
 def _proc_status_kib(field: str) -> int:
