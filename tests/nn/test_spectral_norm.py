@@ -699,3 +699,89 @@ def test_eval_norm_of_a_grouped_conv_is_the_largest_over_groups_even_when_two_gr
     conv.eval()
     conv(x)
     assert abs(float(lanczos_operator_norm(conv, (32, 15, 15), steps=256)) - 1.0) <= 1e-4
+
+
+# ---------------------------------------------------------------- the training step against dense references
+@SETTINGS
+@given(cfg=conv_configs(), seed=st.integers(0, 2 ** 16))
+def test_training_step_update_rule_and_first_order_gradient_match_dense_reference(cfg, seed):
+    """One training forward: v <- N(M^T u), u <- N(M v), sigma = ||M v|| with the dense operator matrix M of the
+    raw weight; the (first-order, no create_graph) gradient equals autograd of W / <u, A_W v> with the new u, v."""
+    conv, shape = cfg
+    conv = conv.double()
+    m = conv_operator_matrix(conv, shape, conv.weight)
+    assume(top_singular_value(m) > 1e-6)
+    torch.manual_seed(seed)
+    conv_spectral_norm(conv, input_shape=shape, warmup_iterations=0)
+    sn = find_conv_spectral_norm(conv)
+    raw = conv.parametrizations.weight.original
+    with torch.no_grad():  # unrelated unit vectors: the step must use u (not v) first, then the new v
+        for t in (sn.u, sn.v):
+            t.copy_(torch.randn_like(t)).div_(t.norm())
+    u0 = sn.u.reshape(-1).clone()
+    conv.train()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    out = conv(x)
+    r = torch.randn_like(out)
+    (g,) = torch.autograd.grad((out * r).sum(), raw)
+    v1 = m.t() @ u0
+    v1 = v1 / v1.norm()
+    av = m @ v1
+    torch.testing.assert_close(sn.v.reshape(-1), v1, rtol=0, atol=1e-10)
+    torch.testing.assert_close(sn.u.reshape(-1), av / av.norm(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(sn.sigma, av.norm(), rtol=1e-12, atol=0)
+    w = raw.detach().clone().requires_grad_(True)
+    wn = w / (sn.u * conv_apply(conv, sn.v, w)).sum()
+    bias = 0 if conv.bias is None else conv.bias.detach().view(1, -1, *([1] * (x.dim() - 2)))
+    (g_ref,) = torch.autograd.grad(((conv_apply(conv, x, wn) + bias) * r).sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@SETTINGS
+@given(cfg=conv_configs(), batch=st.sampled_from([1, 1, 3]), channels_last=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_operator_weight_grad_and_its_accumulation_equal_autograd_of_the_conv(cfg, batch, channels_last, seed):
+    """ConvOperator.weight_grad(x, y) = d<y, conv(x, W)>/dW, add_weight_grad_ accumulates alpha times it (with
+    and without the im2col matrix from forward_and_cols), forward_and_cols is the conv: against autograd of the
+    layer's own conv, for every geometry, batch sizes 1 (matrix path of 2-d convs) and 3, both weight layouts."""
+    conv, shape = cfg
+    conv = conv.double()
+    torch.manual_seed(seed)
+    conv_spectral_norm(conv, input_shape=shape, warmup_iterations=0)
+    op = find_conv_spectral_norm(conv).operator
+    w = torch.randn(op.weight_shape, dtype=torch.float64)
+    if channels_last and w.dim() == 4:
+        w = w.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape, dtype=torch.float64)
+    y = torch.randn(batch, *op.output_shape, dtype=torch.float64)
+    wr = w.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((y * conv_apply(conv, x, wr)).sum(), wr)
+    torch.testing.assert_close(op.weight_grad(x, y, w), g_ref, rtol=1e-10, atol=1e-12)
+    ax, cols = op.forward_and_cols(x, w)
+    torch.testing.assert_close(ax, conv_apply(conv, x, w), rtol=1e-10, atol=1e-12)
+    alpha = torch.tensor(-0.7, dtype=torch.float64)
+    base = torch.randn(op.weight_shape, dtype=torch.float64)
+    for c in (cols, None):
+        acc = op.add_weight_grad_(base.clone(), x, y, alpha, c)
+        torch.testing.assert_close(acc, base + alpha * g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (1, 4)])
+def test_linear_operator_weight_grad_accumulation_and_first_order_gradient(shape):
+    """MatrixOperator.add_weight_grad_ = out + alpha y^T x; the Linear layer's first-order gradient equals
+    autograd of W / <u, W v> with the new u, v."""
+    torch.manual_seed(0)
+    lin = linear_spectral_norm(nn.Linear(shape[1], shape[0]).double())
+    sn = lin.parametrizations.weight[0]
+    op = sn.operator
+    x, y = torch.randn(3, shape[1], dtype=torch.float64), torch.randn(3, shape[0], dtype=torch.float64)
+    base = torch.randn(shape, dtype=torch.float64)
+    alpha = torch.tensor(1.3, dtype=torch.float64)
+    torch.testing.assert_close(op.add_weight_grad_(base.clone(), x, y, alpha), base + alpha * y.t() @ x)
+    raw = lin.parametrizations.weight.original
+    lin.train()
+    out = lin(x)
+    (g,) = torch.autograd.grad((out * y).sum(), raw)
+    w = raw.detach().clone().requires_grad_(True)
+    wn = w / (sn.u @ w @ sn.v.t()).squeeze()
+    (g_ref,) = torch.autograd.grad(((F.linear(x, wn, lin.bias.detach())) * y).sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
