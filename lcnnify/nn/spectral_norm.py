@@ -16,7 +16,9 @@ Modes.
   The gradient is Miyato's: u, v held fixed, sigma = <u, A_W v> = <W, G> is linear in W with
   ``G = d<u, A_W v>/dW`` (the conv weight-gradient at input v and output-gradient u), so sigma is computed
   without a graph and a small autograd Function gives ``d(W/sigma)/dW``: ``grad_W = (g - <g, W/sigma> G) / sigma``
-  (G recomputed in backward: one batch-1 weight-gradient; no conv graph is kept).
+  (G recomputed in backward: one batch-1 weight-gradient, accumulated straight into ``g / sigma``; no conv
+  graph is kept). On the CPU the two weight-sized outputs (W / sigma and grad_W) reuse the previous step's memory
+  whenever nothing references it any more (see :class:`_Scratch`), which spares fresh, page-faulting allocations.
 * **eval** (and ``lcnnify.freeze``): converged. Whenever the weight differs from the one last converged on
   (compared by value with ``torch.equal`` against a stored copy, so ``p.data.mul_()`` / ``copy_()`` /
   ``load_state_dict`` cannot leave it stale), a Lanczos iteration (at least 15 steps) started from the stored
@@ -268,6 +270,52 @@ def _grouped_top_right_singular_vector(op: LinearOperator, w: Tensor, v0: Tensor
     return _normalize(v.reshape(shape), eps)
 
 
+class _Scratch:
+    """Reusable memory for the weight-sized outputs of one layer's :class:`_SpectralNormalize` (CPU only).
+
+    Every training step produces two weight-sized tensors per layer (``W / sigma`` and the raw weight's gradient)
+    that the step frees again; with the C library's allocator, fresh large allocations are served by newly
+    mapped, zero-filled pages, whose first touch costs a page fault per 4 KiB. :meth:`take` hands out a tensor
+    over memory kept from the previous step *only if nothing else references that memory any more* (the storage's
+    reference count is back to what it was when it was allocated: no autograd graph, ``.grad``, view or detached
+    alias of it is alive); otherwise it allocates a fresh tensor, which becomes the kept one. Not copied or
+    pickled with the layer (a copy starts empty).
+    """
+
+    __slots__ = ("_bufs",)
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, tuple[Tensor, int]] = {}
+
+    def __reduce__(self):
+        return (_Scratch, ())
+
+    def __deepcopy__(self, memo) -> "_Scratch":
+        return _Scratch()
+
+    @staticmethod
+    def _use_count(t: Tensor) -> int:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def take(self, key: str, like: Tensor) -> Tensor:
+        """An uninitialized tensor with ``like``'s shape, dtype, device and strides."""
+        kept = self._bufs.get(key)
+        if kept is not None:
+            buf, free = kept
+            if buf.shape == like.shape and buf.dtype == like.dtype and buf.stride() == like.stride() \
+                    and buf.device == like.device and self._use_count(buf) == free:
+                return buf.detach()  # a new handle on the same memory (not a view: no reference back to buf)
+        buf = torch.empty_like(like, memory_format=torch.preserve_format)
+        self._bufs[key] = (buf, self._use_count(buf))
+        return buf.detach()
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+_REUSE_MEMORY = hasattr(torch._C, "_storage_Use_Count")
+
+
 class _SpectralNormalize(torch.autograd.Function):
     """``W / max(sigma, min_sigma)`` with sigma = <u, A_W v> = <W, G> for fixed unit vectors u, v (Miyato).
 
@@ -280,12 +328,15 @@ class _SpectralNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, sigma: Tensor, v: Tensor, u: Tensor, op: LinearOperator,  # type: ignore[override]
-                min_sigma: float, cols: Tensor | None = None) -> Tensor:
+                min_sigma: float, cols: Tensor | None = None, scratch: _Scratch | None = None) -> Tensor:
         ctx.save_for_backward(w, sigma, v, u)
         ctx.op = op
         ctx.min_sigma = min_sigma
         ctx.cols = cols  # a no-grad function of v (not an autograd input): kept as a plain attribute
-        return w / sigma.clamp_min(min_sigma)
+        ctx.scratch = scratch
+        if scratch is None:
+            return w / sigma.clamp_min(min_sigma)
+        return torch.div(w, sigma.clamp_min(min_sigma), out=scratch.take("weight", w))
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -298,19 +349,22 @@ class _SpectralNormalize(torch.autograd.Function):
                     G = ctx.op.weight_grad(v, u, w.detach())
                 s = torch.where(active, (w * G).sum(), torch.full_like(sigma, floor))
                 c = torch.where(active, (g * w).sum() / s, torch.zeros_like(sigma))
-                return (g - c * G) / s, None, None, None, None, None, None
+                return (g - c * G) / s, None, None, None, None, None, None, None
             inv = 1.0 / sigma.clamp_min(floor)
             if g.is_contiguous() and w.is_contiguous():
                 gw = torch.dot(g.view(-1), w.view(-1))
             else:
                 gw = (g * w).sum()
             c = torch.where(active, gw * inv, torch.zeros_like(sigma))
-            out = g * inv
+            if ctx.scratch is None:
+                out = g * inv
+            else:
+                out = torch.mul(g, inv, out=ctx.scratch.take("grad", g))
             add = getattr(ctx.op, "add_weight_grad_", None)
             if add is None:  # a LinearOperator with weight_grad only
                 G = ctx.op.weight_grad(v, u, w)
-                return out.add_(G * (-c * inv)), None, None, None, None, None, None
-            return add(out, v, u, -c * inv, ctx.cols), None, None, None, None, None, None
+                return out.add_(G * (-c * inv)), None, None, None, None, None, None, None
+            return add(out, v, u, -c * inv, ctx.cols), None, None, None, None, None, None, None
 
 
 @dataclass
@@ -350,6 +404,7 @@ class SpectralNormBase(nn.Module):
         self.register_buffer("v", torch.empty(0, **kw))
         self.__dict__["_last_sigma"] = torch.tensor(math.nan, **kw)  # plain attribute: cheap to update
         self._op: LinearOperator | None = None
+        self.__dict__["_scratch"] = _Scratch()  # plain attribute (not a buffer: never saved)
 
     # ------------------------------------------------------------------ subclass API
     def _make_op(self, input_shape: tuple[int, ...]) -> LinearOperator:
@@ -519,7 +574,12 @@ class SpectralNormBase(nn.Module):
                 sigma, v, u = self._converged_state(op, w.detach())
             with _profiler_range("lcnnify.spectral_norm.sigma"):
                 if needs_graph:
-                    out = _SpectralNormalize.apply(w, sigma, v, u, op, self.min_sigma, cols)
+                    scratch = None
+                    if _REUSE_MEMORY and w.device.type == "cpu" and not torch.compiler.is_compiling():
+                        scratch = self.__dict__.get("_scratch")
+                        if scratch is None:  # a layer pickled before the scratch existed
+                            scratch = self.__dict__["_scratch"] = _Scratch()
+                    out = _SpectralNormalize.apply(w, sigma, v, u, op, self.min_sigma, cols, scratch)
                 else:
                     with torch.no_grad():
                         out = w / sigma.clamp_min(self.min_sigma)

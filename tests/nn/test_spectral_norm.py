@@ -785,3 +785,47 @@ def test_linear_operator_weight_grad_accumulation_and_first_order_gradient(shape
     wn = w / (sn.u @ w @ sn.v.t()).squeeze()
     (g_ref,) = torch.autograd.grad(((F.linear(x, wn, lin.bias.detach())) * y).sum(), w)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_reused_output_memory_is_never_shared_with_a_live_tensor():
+    """The training step reuses the memory of W / sigma and of the raw weight's gradient from the previous step,
+    but only once nothing references it: a kept normalized weight (detached alias), a kept .grad, a view and a
+    graph that saved the weight keep their values; with nothing kept, the memory is reused."""
+    torch.manual_seed(0)
+    conv = conv_spectral_norm(nn.Conv2d(3, 4, 3, padding=1), input_shape=(3, 6, 6)).train()
+    raw = conv.parametrizations.weight.original
+    x = torch.randn(2, 3, 6, 6)
+
+    def step():
+        raw.grad = None
+        conv(x).square().sum().backward()
+
+    step()
+    step()
+    w1 = conv.weight
+    ptr = w1.data_ptr()
+    del w1
+    w2 = conv.weight
+    kept_buf = conv.parametrizations.weight[0]._scratch._bufs["weight"][0]
+    assert w2.data_ptr() == ptr == kept_buf.data_ptr()  # nothing kept it: reused
+    for keep in (lambda t: t.detach(), lambda t: t.view(-1), lambda t: t * 1.0):
+        kept = keep(conv.weight)  # the product's graph saves the normalized weight
+        before = kept.detach().clone()
+        with torch.no_grad():
+            raw.add_(torch.randn_like(raw))
+        out = conv.weight  # another training forward with a different weight
+        assert torch.equal(kept.detach(), before)
+        assert out.data_ptr() != kept.data_ptr()
+    step()
+    g = raw.grad
+    g_before = g.clone()
+    step()  # sets raw.grad = None first; g is still referenced here
+    assert torch.equal(g, g_before) and raw.grad.data_ptr() != g.data_ptr()
+    step()
+    g3 = raw.grad.clone()
+    twin = copy.deepcopy(conv)  # same weight, u, v: the gradient the next step adds
+    twin(x).square().sum().backward()
+    conv(x).square().sum().backward()  # accumulates into the kept .grad
+    torch.testing.assert_close(raw.grad, g3 + twin.parametrizations.weight.original.grad)
+    assert copy.deepcopy(conv).parametrizations.weight[0]._scratch is not \
+        conv.parametrizations.weight[0]._scratch
