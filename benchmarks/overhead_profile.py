@@ -10,9 +10,9 @@ Same models, variants, data, training step and eval forward as ``benchmarks/over
 (the order rotating from round to round), each under its own ``torch.profiler`` session (CPU activity only, no
 shapes or stacks) inside one ``record_function`` scope, so that the step's time is exactly the sum of the self
 times of the events below it (aten ops, autograd nodes, labels; the self time of a label is the Python between
-the ops it encloses). The profiler's clock is wall time: of each variant's profiled steps the faster half (at or
-below the median) is attributed and averaged, so that a step that waited for a core on a shared machine does not
-count its wait as its ops' time.
+the ops it encloses). The profiler's clock is wall time: of each variant's profiled steps the fastest quarter
+(``--keep-fraction``) is attributed and averaged, so that a step that waited for a core on a shared machine does
+not count its wait as its ops' time.
 
 Attribution. Every event's self time goes to exactly one category, so the categories add up to the profiled
 step time of each model and their differences add up to the measured difference (LCNN minus original):
@@ -45,6 +45,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -384,11 +385,12 @@ def profile_rounds(fns: dict[str, Callable[[], object]], models: dict[str, nn.Mo
     return out
 
 
-def faster_half(parts: list[Attribution]) -> Attribution:
-    """The profiled steps at or below the median step time, combined: the profiler's clock is wall time, and on
-    a shared machine a step that waited for a core would otherwise count its wait as its ops' time."""
-    med = statistics.median(p.step_us for p in parts)
-    return Attribution.combined([p for p in parts if p.step_us <= med])
+def fastest(parts: list[Attribution], fraction: float) -> Attribution:
+    """The fastest ``ceil(fraction * n)`` of the profiled steps, combined: the profiler's clock is wall time, and
+    on a shared machine a step that waited for a core would otherwise count its wait as its ops' time (waiting
+    only ever adds, so the fastest steps are the least disturbed)."""
+    k = max(1, math.ceil(fraction * len(parts)))
+    return Attribution.combined(sorted(parts, key=lambda p: p.step_us)[:k])
 
 
 # ------------------------------------------------------------------------------------------ micro-measurement
@@ -491,7 +493,7 @@ def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
         # unprofiled: process CPU time of rotated rounds (the step as overhead.py times it)
         timing = rotated_rounds(fns, args.timing_rounds, warmup=args.warmup) if args.timing_rounds else {}
         rounds = profile_rounds(fns, {v: b[0] for v, b in built.items()}, args.warmup, args.steps)
-        prof = {v: faster_half(parts) for v, parts in rounds.items()}
+        prof = {v: fastest(parts, args.keep_fraction) for v, parts in rounds.items()}
         res["modes"][mode] = summarize(prof, timing, built)
         for v, parts in rounds.items():
             res["modes"][mode]["variants"][v]["profiled_steps_ms"] = [p.step_ms() for p in parts]
@@ -825,6 +827,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=8,
                    help="profiled rounds (one step of every variant each); the faster half is attributed")
     p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
+    p.add_argument("--keep-fraction", type=float, default=0.25,
+                   help="attribute the fastest this fraction of each variant's profiled steps (at least one)")
     p.add_argument("--timing-rounds", type=int, default=5, help="unprofiled rotated rounds (0: skip)")
     p.add_argument("--micro-reps", type=int, default=5, help="repetitions per micro-measurement (0: skip)")
     p.add_argument("--threads", type=int, default=1)
@@ -859,7 +863,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"`python benchmarks/overhead_profile.py` (commit {payload['config']['commit']}, torch "
                 f"{torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.size}x{args.size}, "
                 f"{args.steps} profiled rounds of one step per variant after {args.warmup} warm-up rounds; the "
-                f"steps at or below the median step time are attributed). Self CPU time of every profiled event, "
+                f"fastest {args.keep_fraction:.0%} of each variant's profiled steps are attributed). Self CPU time of every profiled event, "
                 f"per step, attributed to the LCNN part it belongs to (method: the script's docstring); the "
                 f"profiler adds time per op and its clock is wall time, so the unprofiled times are given too. "
                 f"Percentages are of the profiled original step.\n")
