@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=8,
-                   help="profiled rounds (one step of every variant each); the faster half is attributed")
+                   help="profiled rounds (one step of every variant each); the fastest --keep-fraction of them are attributed")
     p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
     p.add_argument("--keep-fraction", type=float, default=0.25,
                    help="attribute the fastest this fraction of each variant's profiled steps (at least one)")
