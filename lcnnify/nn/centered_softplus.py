@@ -107,10 +107,7 @@ def _forward_value_f32(x: Tensor, beta: Tensor, out: Tensor) -> Tensor:
     f_log = torch.mul(a, -_LOG2E).sub_(1.0).exp2_().add_(0.5).log_()  # log(e/2 + 1/2)
     a_s = torch.clamp(a, max=_TAU)
     v = torch.mul(a_s, a_s).mul_(0.25)  # h^2, h = a/2
-    f = torch.mul(v, _LOGCOSH[4]).add_(_LOGCOSH[3])
-    for ck in _LOGCOSH[2::-1]:
-        f.mul_(v).add_(ck)
-    f.mul_(v).add_(a_s, alpha=-0.5)  # -a/2 + logcosh(a/2)
+    f = _horner_(v, _LOGCOSH).mul_(v).add_(a_s, alpha=-0.5)  # -a/2 + logcosh(a/2)
     f.lerp_(f_log, a.sub_(_TAU).mul_(1e30).clamp_(0.0, 1.0))  # weight 1 exactly where a > 0.75
     torch.clamp(x, min=0.0, out=out)  # relu(x) (x may be out itself: read above, written last)
     return out.addcmul_(f, beta.reciprocal())
@@ -129,6 +126,29 @@ def _forward_graph(x: Tensor, beta: Tensor) -> Tensor:
     w = torch.tanh(x.abs() * (beta * 0.5))
     u = w.clamp(min=c.w_min) + 1.0
     return torch.relu(x) - w * (torch.log(u) / (u - 1.0) / beta)
+
+
+def _horner_(v: Tensor, coeffs: tuple[float, ...]) -> Tensor:
+    """sum_k coeffs[k] v^k into a new tensor, one fused multiply-add pass per degree (no autograd)."""
+    c = _coeff_tensors(coeffs, v)
+    p = torch.addcmul(c[-2], v, c[-1])
+    for ck in c[-3::-1]:
+        torch.addcmul(ck, p, v, out=p)
+    return p
+
+
+_COEFF_TENSORS: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def _coeff_tensors(coeffs: tuple[float, ...], like: Tensor) -> tuple[Tensor, ...]:
+    """The coefficients as 0-dim tensors on like's device and dtype (cached: made once per device)."""
+    key = (coeffs, like.dtype, like.device)
+    c = _COEFF_TENSORS.get(key)
+    if c is None:
+        with torch.inference_mode(False):  # normal tensors, usable in every mode
+            c = tuple(torch.tensor(ck, dtype=like.dtype, device=like.device) for ck in coeffs)
+        _COEFF_TENSORS[key] = c
+    return c
 
 
 def _horner(v: Tensor, coeffs: tuple[float, ...]) -> Tensor:
@@ -246,10 +266,7 @@ def _q2_fast_f32(z: Tensor, e: Tensor) -> Tensor:
     c = _CONSTS[z.dtype]
     w = torch.sub(e, 1.0).div_(torch.log(e)).nan_to_num_(nan=1.0).mul_(z)  # w = 1 - e^-z (Kahan)
     v = w.mul_(w)
-    q2 = torch.mul(v, _Q2[-1]).add_(_Q2[-2])
-    for ck in _Q2[-3::-1]:
-        q2.mul_(v).add_(ck)
-    q2.mul_(v)
+    q2 = _horner_(v, _Q2).mul_(v)
     p = torch.sub(2.0, e).clamp_(min=c.p_min)  # 1 + w
     large = torch.log(p).mul_(p).addcmul_(e, z, value=-1.0)  # (1 + w) log(1 + w) - e z
     return q2.lerp_(large, v.sub_(_W0_SQ).mul_(1e30).clamp_(0.0, 1.0))  # weight 1 where w^2 > 0.16
