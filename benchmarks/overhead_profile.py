@@ -864,7 +864,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{args.steps} profiled rounds of one step per variant after {args.warmup} warm-up rounds; the "
                 f"fastest {args.keep_fraction:.0%} of each variant's profiled steps are attributed). Self CPU time "
                 f"of every profiled event, per step, attributed to the LCNN part it belongs to (method: the "
-                f"script's docstring); the profiler adds time per op and its clock is wall time, so the unprofiled times are given too. "
+                f"script's docstring); the profiler adds time per op and its clock is wall time, so the "
+                f"unprofiled times are given too. "
                 f"Percentages are of the profiled original step.\n")
         md.write_text(head + "\n" + "\n\n".join(texts) + "\n")
         print(f"wrote {md}")
