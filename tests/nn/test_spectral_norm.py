@@ -829,3 +829,28 @@ def test_reused_output_memory_is_never_shared_with_a_live_tensor():
     torch.testing.assert_close(raw.grad, g3 + twin.parametrizations.weight.original.grad)
     assert copy.deepcopy(conv).parametrizations.weight[0]._scratch is not \
         conv.parametrizations.weight[0]._scratch
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (5, 1, 2, 2),
+                                                            (3, 1, 0, 1), (7, 2, 3, 1), (2, 1, 1, 1)])
+def test_float32_batch1_matrix_path_matches_the_float64_dense_operator(kernel, stride, padding, dilation):
+    """The batch-1 float32 matrix path (im2col products) on a larger input: forward, adjoint, forward_and_cols
+    and the weight-gradient accumulation against the float64 dense operator, within float32 rounding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+    shape = (3, 20, 19)
+    op = conv_spectral_norm(conv, input_shape=shape).parametrizations.weight[0].operator
+    w = torch.randn(op.weight_shape)
+    m = conv_operator_matrix(conv, shape, w)  # float64
+    v, u = torch.randn(1, *shape), torch.randn(1, *op.output_shape)
+    vd, ud = v.double().reshape(-1), u.double().reshape(-1)
+    # float32 rounding: within a few ulp of the sum of |terms| per entry
+    assert ((op.forward(v, w).double().reshape(-1) - m @ vd).abs() <= 1e-6 * (m.abs() @ vd.abs())).all()
+    assert ((op.adjoint(u, w).double().reshape(-1) - m.t() @ ud).abs() <= 1e-6 * (m.abs().t() @ ud.abs())).all()
+    wd = w.double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((u.double() * conv_apply(conv, v.double(), wd)).sum(), wd)
+    ax, cols = op.forward_and_cols(v, w)
+    torch.testing.assert_close(ax, op.forward(v, w))
+    base = torch.randn_like(w)
+    acc = op.add_weight_grad_(base.clone(), v, u, torch.tensor(0.5), cols)
+    torch.testing.assert_close(acc.double(), base.double() + 0.5 * g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
