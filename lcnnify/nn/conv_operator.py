@@ -319,7 +319,7 @@ class ConvOperator:
                 cols = self.cols(x)
             out.view(cout, -1).addmm_(y.reshape(cout, -1) * alpha, cols)
             return out
-        return out.add_(self.weight_grad(x, y, out) * alpha)
+        return out.add_(self.weight_grad(x, y, out).mul_(alpha))
 
     def __repr__(self) -> str:
         return f"ConvOperator({self.input_shape} -> {self.output_shape}, kind={self.kind})"

@@ -350,7 +350,7 @@ class _SpectralNormalize(torch.autograd.Function):
                 s = torch.where(active, (w * G).sum(), torch.full_like(sigma, floor))
                 c = torch.where(active, (g * w).sum() / s, torch.zeros_like(sigma))
                 return (g - c * G) / s, None, None, None, None, None, None, None
-            inv = 1.0 / sigma.clamp_min(floor)
+            inv = sigma.clamp_min(floor).reciprocal()
             if g.is_contiguous() and w.is_contiguous():
                 gw = torch.dot(g.view(-1), w.view(-1))
             else:
@@ -363,7 +363,7 @@ class _SpectralNormalize(torch.autograd.Function):
             add = getattr(ctx.op, "add_weight_grad_", None)
             if add is None:  # a LinearOperator with weight_grad only
                 G = ctx.op.weight_grad(v, u, w)
-                return out.add_(G * (-c * inv)), None, None, None, None, None, None, None
+                return out.add_(G.mul_(-c * inv)), None, None, None, None, None, None, None
             return add(out, v, u, -c * inv, ctx.cols), None, None, None, None, None, None, None
 
 
@@ -489,8 +489,9 @@ class SpectralNormBase(nn.Module):
         Returns sigma, v, u and the operator's im2col matrix of v (or None) for the backward."""
         with torch.no_grad():
             cd = w.dtype
-            u = self.u if self.u.dtype == cd else self.u.to(cd)
-            v = self.v if self.v.dtype == cd else self.v.to(cd)
+            u_buf, v_buf = self.u, self.v
+            u = u_buf if u_buf.dtype == cd else u_buf.to(cd)
+            v = v_buf if v_buf.dtype == cd else v_buf.to(cd)
             w = _prepare(op, w)
             fwd = getattr(op, "forward_and_cols", None)
             if fwd is None:
@@ -505,8 +506,8 @@ class SpectralNormBase(nn.Module):
                 av, cols = fwd(v, w)
                 sigma = torch.linalg.vector_norm(av)
                 u = _unit_or(av, u, self.eps, sigma)
-            self.u.copy_(u)
-            self.v.copy_(v)
+            u_buf.copy_(u)
+            v_buf.copy_(v)
         return sigma, v, u, cols
 
     @torch.compiler.disable  # data-dependent (cache test, Lanczos stopping rule): runs eagerly under compile

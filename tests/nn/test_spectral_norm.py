@@ -759,7 +759,7 @@ def test_operator_weight_grad_and_its_accumulation_equal_autograd_of_the_conv(cf
     ax, cols = op.forward_and_cols(x, w)
     torch.testing.assert_close(ax, conv_apply(conv, x, w), rtol=1e-10, atol=1e-12)
     alpha = torch.tensor(-0.7, dtype=torch.float64)
-    base = torch.randn(op.weight_shape, dtype=torch.float64)
+    base = torch.randn_like(w)  # the layout of w (a channels-last gradient takes the conv path)
     for c in (cols, None):
         acc = op.add_weight_grad_(base.clone(), x, y, alpha, c)
         torch.testing.assert_close(acc, base + alpha * g_ref, rtol=1e-10, atol=1e-12)
