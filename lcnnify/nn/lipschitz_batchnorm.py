@@ -52,7 +52,9 @@ mode the layer uses local statistics, like ``nn.SyncBatchNorm``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,9 +103,9 @@ class _BatchNormWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor,
-                eps: float) -> Tensor:
+                invstd: Tensor, eps: float) -> Tensor:
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.has_bias = bias is not None
         return y
@@ -115,7 +117,113 @@ class _BatchNormWithBatchStats(torch.autograd.Function):
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(memory_format=_memory_format(x)), x, weight, None, None, mean, invstd, True, ctx.eps,
             need)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
+
+
+def _clip_scale(weight: Tensor | None, raw: Tensor, invstd: Tensor) -> Tensor:
+    """s = gamma / max(L, gamma) = min(1, gamma / L), L = max_i |w_i| invstd_i (w = 1 without affine),
+    gamma = 1 + exp(raw); differentiable w.r.t. weight and raw. Written with ``max(L, gamma)``: identical values
+    to min(1, gamma / L), but finite gradients when L = 0 (zero-initialised BN weights, e.g. timm's
+    zero_init_last), where gamma / L would be inf."""
+    gains = invstd if weight is None else weight.abs() * invstd
+    L = gains.max()
+    gamma = (1.0 + raw.exp()).to(L.dtype)
+    return gamma / torch.maximum(L, gamma)
+
+
+def _folded_weight(weight: Tensor | None, raw: Tensor, invstd: Tensor) -> Tensor:
+    """s * w, the weight the clipped layer normalizes with (s per channel without affine)."""
+    s = _clip_scale(weight, raw, invstd)
+    # contiguous: F.batch_norm's CPU backward reads a stride-0 (expanded) weight wrongly for 2d inputs
+    return s.expand(invstd.shape[0]).contiguous() if weight is None else weight * s
+
+
+class _BatchNormWithBatchStatsAndClip(torch.autograd.Function):
+    r"""Training-mode gamma-Lipschitz BN on the CPU, clip included, in one autograd node:
+
+        y = s w (x - mean) / sqrt(var + eps) + b,   s = min(1, gamma / L),   L = max_i |w_i| / sqrt(var_i + eps),
+
+    gamma = 1 + exp(raw), (mean, var) the biased batch statistics of x computed by the caller (var a constant in
+    s; the normalization has the exact training-mode BatchNorm gradient). The same function as
+    :func:`_folded_weight` followed by :class:`_BatchNormWithBatchStats`, with the clip's few scalars read on the
+    host (free on the CPU) and its vector-Jacobian product in closed form: with G = dLoss/d(s w) and
+    g_s = <G, w>,
+
+        dLoss/dw   = s G + g_s ds/dL dL/dw,       dLoss/draw = g_s ds/dgamma exp(raw),
+        ds/dL      = -(s / M) t,  ds/dgamma = (1 - s (1 - t)) / M,   M = max(L, gamma),
+        dL/dw_i    = [gain_i = L] sgn(w_i) / sqrt(var_i + eps) / #{j : gain_j = L},
+
+    t = 1, 1/2, 0 for L >, =, < gamma: the subgradients autograd takes through ``max`` (ties share evenly) and
+    ``maximum`` (a tie splits in halves). Under ``create_graph`` (double backward: GradReg, CURE, Hessians) the
+    backward recomputes s w with differentiable ops instead, so second derivatives are exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, raw: Tensor, mean: Tensor,
+                var: Tensor, eps: float) -> Tensor:
+        invstd = torch.rsqrt(var + eps)
+        gains = invstd if weight is None else (weight * invstd).abs_()
+        L_t = gains.max()
+        L, e = float(L_t), _exp(float(raw))
+        gamma = 1.0 + e
+        M = max(L, gamma)
+        s = gamma / M if L > gamma else 1.0
+        w_eff = torch.full_like(invstd, s) if weight is None else weight * s
+        y = torch.batch_norm(x, w_eff, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, raw)
+        # intermediates of this call only (never seen outside it): kept on ctx, no saved-tensor bookkeeping
+        ctx.stats = (mean, invstd, w_eff, gains, L_t)
+        ctx.scalars = (L, e, gamma, M, s)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, raw = ctx.saved_tensors
+        mean, invstd, w_eff, gains, L_t = ctx.stats
+        need_x, need_w, need_b, need_raw = ctx.needs_input_grad[:4]
+        need_w = need_w and weight is not None
+        graph = (need_w or need_raw) and torch.is_grad_enabled()  # create_graph: differentiable recomputation
+        if graph:
+            w_eff = _folded_weight(weight, raw, invstd)
+        if not grad.is_contiguous(memory_format=_memory_format(x)):
+            grad = grad.contiguous(memory_format=_memory_format(x))
+        gx, g_eff, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, w_eff, None, None, mean, invstd, True, ctx.eps,
+            [need_x, need_w or need_raw, need_b and ctx.has_bias])
+        g_w = g_raw = None
+        if graph:
+            wrt = [t for t, n in ((weight, need_w), (raw, need_raw)) if n]
+            grads = list(torch.autograd.grad(w_eff, wrt, g_eff, create_graph=True))
+            g_w = grads.pop(0) if need_w else None
+            g_raw = grads.pop(0) if need_raw else None
+        elif need_w or need_raw:
+            g_w, g_raw = _clip_vjp(g_eff, weight, raw, invstd, gains, L_t, *ctx.scalars, need_w, need_raw)
+        return gx, g_w, gb, g_raw, None, None, None
+
+
+def _exp(raw: float) -> float:
+    """exp(raw) as a Python float (inf where it overflows)."""
+    return math.exp(raw) if raw < 709.0 else math.inf
+
+
+def _clip_vjp(g_eff: Tensor, weight: Tensor | None, raw: Tensor, invstd: Tensor, gains: Tensor, L_t: Tensor,
+              L: float, e: float, gamma: float, M: float, s: float, need_w: bool,
+              need_raw: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dLoss/dw, dLoss/draw) from G = dLoss/d(s w): the closed form of :class:`_BatchNormWithBatchStatsAndClip`."""
+    if not L >= gamma:  # clip inactive (s = 1): w_eff = w, no gradient into gamma
+        return (g_eff if need_w else None), (torch.zeros_like(raw) if need_raw else None)
+    t = 1.0 if L > gamma else 0.5
+    g_s = g_eff.sum() if weight is None else torch.dot(g_eff, weight)
+    g_raw = (g_s * ((1.0 - s * (1.0 - t)) / M * e)).view_as(raw) if need_raw else None
+    g_w = None
+    if need_w:
+        mask = gains == L_t
+        count = int(mask.sum())
+        # dL/dw on the maximizing channels: sgn(w_i) invstd_i, shared evenly among ties
+        direction = weight.sgn().mul_(invstd).mul_(mask)
+        g_w = torch.addcmul(g_eff * s, direction, g_s, value=-(s / M) * t / max(count, 1))
+    return g_w, g_raw
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -162,6 +270,53 @@ def _global_batch_stats(input: Tensor, group: Any) -> tuple[Tensor, Tensor, Tens
     centred = input - _channel_view(mean, input.dim())
     var = _AllReduceSum.apply(centred.square().sum(dims), group) / count
     return mean, var, count
+
+
+def _reads_host_scalars(input: Tensor) -> bool:
+    """Whether the training forward reads its scalars (the clip's L and gamma, the running-statistics factor)
+    as Python numbers: on the CPU, where that is free, and not while ``torch.compile`` traces. Elsewhere they
+    stay tensors (no device synchronization)."""
+    return input.is_cpu and not torch.compiler.is_compiling()
+
+
+@dataclass
+class _FoldedWeightCache:
+    """The running-statistics folded weight s w and copies of what it was computed from."""
+
+    weight: Tensor | None
+    raw: Tensor
+    running_var: Tensor
+    eps: float
+    folded: Tensor
+
+    def matches(self, weight: Tensor | None, raw: Tensor, running_var: Tensor, eps: float) -> bool:
+        return (eps == self.eps and _same(raw, self.raw) and _same(running_var, self.running_var)
+                and (_same(weight, self.weight) if weight is not None else self.weight is None))
+
+
+def _same(a: Tensor, b: Tensor | None) -> bool:
+    return (b is not None and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            and torch.equal(a, b))
+
+
+@contextlib.contextmanager
+def _normal_tensors():
+    """Inside ``torch.inference_mode()``: compute outside it, so that a cached tensor is a normal tensor that
+    later calls outside inference mode can use. Elsewhere: nothing."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            yield
+    else:
+        yield
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
+def _profiler_range(name: str):
+    """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
+    record_function costs a few microseconds even when nothing records)."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else _NO_RANGE
 
 
 class LipschitzBatchNorm(_NormBase):
@@ -257,11 +412,7 @@ class LipschitzBatchNorm(_NormBase):
 
     def clip_factor(self, var: Tensor) -> Tensor:
         """s = min(1, gamma / L(var)) for the per-channel variance ``var`` (differentiable w.r.t. gamma, w)."""
-        L = self._gain_terms(var).max()
-        # min(1, gamma / L) written as gamma / max(L, gamma): identical values, but finite gradients when
-        # L = 0 (zero-initialised BN weights, e.g. timm's zero_init_last) where gamma / L would be inf
-        gamma = self.gamma.to(L.dtype)
-        return gamma / torch.maximum(L, gamma)
+        return _clip_scale(self.weight, self.log_gamma_minus_1, torch.rsqrt(var + self.eps))
 
     def _scale(self, input: Tensor, use_batch_var: bool) -> Tensor:
         """The clip factor from the batch variance of ``input`` (detached) or from ``running_var``."""
@@ -289,16 +440,20 @@ class LipschitzBatchNorm(_NormBase):
             raise ValueError(f"LipschitzBatchNorm: expected {self.num_features} channels at dim 1, got input "
                              f"of shape {tuple(input.shape)}")
 
-    def _average_factor(self) -> float | Tensor | None:
+    def _average_factor(self, host: bool) -> float | Tensor | None:
         """Count this training batch; the running-statistics update factor (None: no update).
 
-        A tensor computed from ``num_batches_tracked`` while it changes (warm-up, ``momentum=None``): no device
+        ``host``: a Python float read from ``num_batches_tracked`` (on the CPU, where reading it is free).
+        Otherwise a tensor computed from it while it changes (warm-up, ``momentum=None``): no device
         synchronization, and nothing for ``torch.compile`` to specialize on step by step."""
         if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
             return None
         self.num_batches_tracked.add_(1)
         if self.momentum is not None and not self.stats_warmup:
             return self.momentum
+        if host:
+            inv_t = 1.0 / max(int(self.num_batches_tracked), 1)
+            return inv_t if self.momentum is None else max(self.momentum, inv_t)
         inv_t = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         return inv_t if self.momentum is None else inv_t.clamp_min(self.momentum)
 
@@ -321,29 +476,68 @@ class LipschitzBatchNorm(_NormBase):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = None if self.frozen else self._average_factor()
-        if self.frozen or not (self.training or self.running_var is None):  # the running statistics
-            w = self._scaled_weight(self._scale(input, use_batch_var=False))
-            return F.batch_norm(input, self.running_mean, self.running_var, w, self.bias, False, 0.0, self.eps)
-        group = self._sync_group()
-        if group is not None:
-            return self._synchronized_forward(input, group, factor)
-        return self._batch_forward(input, factor)
+        with _profiler_range("lcnnify.lipschitz_batchnorm"):
+            self._check_input_dim(input)
+            if self.frozen or not (self.training or self.running_var is None):  # the running statistics
+                return F.batch_norm(input, self.running_mean, self.running_var, self._running_folded_weight(),
+                                    self.bias, False, 0.0, self.eps)
+            host = _reads_host_scalars(input)
+            factor = self._average_factor(host)
+            group = self._sync_group()
+            if group is not None:
+                return self._synchronized_forward(input, group, factor)
+            return self._batch_forward(input, factor, host)
 
-    def _batch_forward(self, input: Tensor, factor: float | Tensor | None) -> Tensor:
+    def _running_folded_weight(self) -> Tensor:
+        """s w with s from ``running_var``: what the running-statistics forward normalizes with.
+
+        Cached while nothing it depends on changes, when no gradient is wanted (e.g. eval under ``no_grad``):
+        the cache holds copies of the weight, ``log_gamma_minus_1`` and ``running_var`` it was computed from and
+        is used only while all three are equal to them (``torch.equal``; catches optimizer steps,
+        ``load_state_dict``, ``.data`` edits, running-statistics updates, ``.to()``) and ``eps`` is unchanged."""
+        w, raw, rv = self.weight, self.log_gamma_minus_1, self.running_var
+        if torch.is_grad_enabled() and (raw.requires_grad or (w is not None and w.requires_grad)):
+            return _folded_weight(w, raw, torch.rsqrt(rv + self.eps))
+        if torch.compiler.is_compiling():
+            return _folded_weight(w, raw, torch.rsqrt(rv + self.eps)).detach()
+        cache: _FoldedWeightCache | None = self.__dict__.get("_folded_cache")
+        if cache is not None and cache.matches(w, raw, rv, self.eps):
+            return cache.folded
+        with _normal_tensors():
+            with torch.no_grad():
+                folded = _folded_weight(w, raw, torch.rsqrt(rv + self.eps))
+                self.__dict__["_folded_cache"] = _FoldedWeightCache(
+                    None if w is None else w.clone(), raw.clone(), rv.clone(), self.eps, folded)
+        return folded
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_folded_cache", None)  # derived; recomputed on first use
+        return state
+
+    def _batch_forward(self, input: Tensor, factor: float | Tensor | None, host: bool) -> Tensor:
         """Batch statistics, one statistics pass: the clip needs the variance before the normalization."""
         count = input.numel() // input.shape[1]
         if count <= 1:
             raise ValueError(f"LipschitzBatchNorm: expected more than 1 value per channel when training, got "
                              f"input of shape {tuple(input.shape)}")
-        fused = input.dtype in (torch.float32, torch.float64) and input.dtype == self._param_dtype()
-        mean, var = _batch_stats(input, self._param_dtype())
+        pdt = self._param_dtype()
+        fused = input.dtype in (torch.float32, torch.float64) and input.dtype == pdt
+        if fused and host and not isinstance(factor, Tensor):
+            # BatchNorm's statistics kernel also updates the running statistics (unbiased variance) in place
+            # without bumping their version counters, as F.batch_norm does
+            upd = factor is not None
+            mean, var = torch.batch_norm_update_stats(input.detach(), self.running_mean if upd else None,
+                                                      self.running_var if upd else None, factor if upd else 0.0)
+            return _BatchNormWithBatchStatsAndClip.apply(input, self.weight, self.bias, self.log_gamma_minus_1,
+                                                         mean, var, self.eps)
+        mean, var = _batch_stats(input, pdt)
         if factor is not None:
             self._update_running_stats(mean, var, count, factor)
-        w = self._scaled_weight(self.clip_factor(var))
+        invstd = torch.rsqrt(var + self.eps)
+        w = _folded_weight(self.weight, self.log_gamma_minus_1, invstd)
         if fused:
-            return _BatchNormWithBatchStats.apply(input, w, self.bias, mean, var, self.eps)
+            return _BatchNormWithBatchStats.apply(input, w, self.bias, mean, var, invstd, self.eps)
         # reduced precision (e.g. autocast): F.batch_norm computes its own statistics in its accumulation type
         return F.batch_norm(input, None, None, w, self.bias, True, 0.0, self.eps)
 

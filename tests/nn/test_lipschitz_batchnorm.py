@@ -355,3 +355,279 @@ def test_no_running_stats_bounds_gain_with_current_batch_statistics():
         assert torch.allclose(per_channel, scale * gains, rtol=1e-4)
         assert per_channel.abs().max().item() <= 2.0 * (1 + 1e-5)
     assert lbn.lipschitz_constant().item() == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------ the training fast path and the eval cache
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import pickle  # noqa: E402
+
+import lcnnify.nn.lipschitz_batchnorm as lbn_module  # noqa: E402
+
+SCALAR_PATHS = ["host", "tensor"]
+
+
+@contextlib.contextmanager
+def scalar_path(path: str):
+    """"host": the CPU path (the clip's scalars and the update factor read as Python numbers, one autograd node);
+    "tensor": the path other devices take (the clip as tensor ops under autograd), forced on the CPU."""
+    saved = lbn_module._reads_host_scalars
+    if path == "tensor":
+        lbn_module._reads_host_scalars = lambda input: False
+    try:
+        yield
+    finally:
+        lbn_module._reads_host_scalars = saved
+
+
+@pytest.mark.parametrize("path", SCALAR_PATHS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_both_scalar_paths_update_running_statistics_like_the_recurrence_without_bumping_versions(path, momentum):
+    torch.manual_seed(2)
+    bn = LipschitzBatchNorm(3, momentum=momentum, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    versions = (bn.running_mean._version, bn.running_var._version)
+    with scalar_path(path):
+        for t in range(1, 14):
+            x = torch.randn(5, 3, 2, 2, dtype=torch.float64) * 0.01 * t + t
+            bn(x)
+            n = x.numel() // 3
+            mean = x.sum(dim=(0, 2, 3)) / n
+            uvar = ((x - mean.view(1, 3, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / (n - 1)
+            a = 1.0 / t if momentum is None else max(momentum, 1.0 / t)
+            rm, rv = (1 - a) * rm + a * mean, (1 - a) * rv + a * uvar
+            torch.testing.assert_close(bn.running_mean, rm, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(bn.running_var, rv, rtol=1e-12, atol=1e-12)
+    assert bn.num_batches_tracked.item() == 13
+    # an eval-mode graph that saved the running statistics (CURE's reference pass) stays usable
+    assert (bn.running_mean._version, bn.running_var._version) == versions
+
+
+def _reference_training_bn(x, w, raw, b, eps, dims):
+    """s(w, gamma) at the detached batch variance times an exact batch normalization, from elementary ops."""
+    c = x.shape[1]
+    view = (1, c) + (1,) * (x.dim() - 2)
+    var_const = x.detach().var(dim=dims, unbiased=False)
+    w_abs = w.abs() if w is not None else torch.ones(c, dtype=x.dtype)
+    L = (w_abs / (var_const + eps).sqrt()).max()
+    s = torch.minimum(torch.ones((), dtype=x.dtype), (1 + raw.exp()) / L)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    scaled = s * (w.view(view) if w is not None else 1.0)
+    return scaled * (x - mean) / (var + eps).sqrt() + (b.view(view) if b is not None else 0.0)
+
+
+#: (weights, channel scales, gamma, eps): clip inactive; active; two channels tied for the max (even split);
+#: L == gamma exactly (var 1/4, eps 0, w 1, gamma 2: the subgradient halves); a zero weight on the max channel
+CLIP_CASES = {
+    "inactive": ([1.0, -0.5, 2.0], [1.0, 1.0, 1.0], 10.0, 1e-5),
+    "active": ([1.0, -3.0, 0.5], [0.2, 0.2, 0.2], 2.0, 1e-5),
+    "tied channels": ([2.0, -2.0, 0.5], "tied", 1.0, 1e-5),
+    "L equals gamma": ([1.0, 0.25, 0.5], "quarter", 2.0, 0.0),
+}
+
+
+def _clip_case_input(scales, shape, gen):
+    if scales == "tied":  # channels 0 and 1 hold the same values: equal variances, |w| equal: tied gains
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.1
+        x[:, 1] = x[:, 0]
+        return x
+    if scales == "quarter":  # every channel +-1/2, half each: mean 0 and variance 1/4 exactly
+        x = torch.full(shape, 0.5, dtype=torch.float64)
+        x[: shape[0] // 2] = -0.5
+        return x
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.tensor(
+        scales, dtype=torch.float64).view(1, -1, *([1] * (len(shape) - 2)))
+
+
+@pytest.mark.parametrize("path", SCALAR_PATHS)
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+@pytest.mark.parametrize("affine,wants", [(True, "all"), (True, "gamma only"), (True, "weight only"),
+                                          (False, "all")])
+@pytest.mark.parametrize("shape", [(6, 3, 2, 2), (8, 3)])
+def test_training_first_order_gradients_match_elementary_autograd(path, case, affine, wants, shape):
+    """The first-order gradients (no create_graph: the CPU path's closed-form vector-Jacobian product of the
+    clip) equal autograd through the elementary formula, with autograd's subgradients at ties: channels tied for
+    max_i |w_i| invstd_i share evenly, L == gamma splits in halves."""
+    weights, scales, gamma, eps = CLIP_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    x0 = _clip_case_input(scales, shape, gen)
+    g = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    bn = LipschitzBatchNorm(3, gamma=gamma, eps=eps, affine=affine, dtype=torch.float64)
+    if case == "L equals gamma":
+        with torch.no_grad():
+            bn.log_gamma_minus_1.zero_()  # gamma = 1 + exp(0) = 2 exactly
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor(weights, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(3, generator=gen, dtype=torch.float64))
+        bn.weight.requires_grad_(wants != "gamma only")
+    bn.log_gamma_minus_1.requires_grad_(wants != "weight only")
+    w_ref = bn.weight.detach().clone().requires_grad_(bn.weight.requires_grad) if affine else None
+    b_ref = bn.bias.detach().clone().requires_grad_(True) if affine else None
+    raw_ref = bn.log_gamma_minus_1.detach().clone().requires_grad_(bn.log_gamma_minus_1.requires_grad)
+    dims = [0] + list(range(2, len(shape)))
+    if case == "L equals gamma":
+        w_abs = w_ref.detach().abs() if affine else torch.ones(3, dtype=torch.float64)
+        L = (w_abs / (x0.var(dim=dims, unbiased=False) + eps).sqrt()).max()
+        assert L.item() == 2.0 and (1 + raw_ref.detach().exp()).item() == 2.0
+    params = [p for p in (bn.weight, bn.bias, bn.log_gamma_minus_1) if p is not None and p.requires_grad]
+    ref_params = [p for p in (w_ref, b_ref, raw_ref) if p is not None and p.requires_grad]
+    with scalar_path(path):
+        x = x0.clone().requires_grad_(True)
+        got = torch.autograd.grad((bn(x) * g).sum(), [x] + params)
+    xr = x0.clone().requires_grad_(True)
+    want = torch.autograd.grad((_reference_training_bn(xr, w_ref, raw_ref, b_ref, eps, dims) * g).sum(),
+                               [xr] + ref_params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-9, atol=1e-12)
+    if case == "inactive" and bn.log_gamma_minus_1.requires_grad and path == "host":
+        # no gradient into gamma while the clip is inactive: exactly 0 in closed form (autograd through
+        # gamma / max(L, gamma) leaves a rounding residue g/gamma - g (1/gamma))
+        assert got[-1].item() == 0.0
+
+
+@pytest.mark.parametrize("path", SCALAR_PATHS)
+def test_training_fast_path_keeps_channels_last_and_float32(path):
+    torch.manual_seed(4)
+    ref = nn.BatchNorm2d(5)
+    lbn = LipschitzBatchNorm.from_batchnorm(ref, gamma=100.0)  # no clipping: exactly a BatchNorm
+    lbn.stats_warmup = False
+    x = (torch.randn(4, 5, 3, 3) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(4, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    with scalar_path(path):
+        y = lbn(xa)
+    y_ref = ref(xb)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lbn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lbn.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+
+
+def _eval_reference(bn):
+    """The eval-mode map from the module's current state, in float64, from elementary ops."""
+    rv, rm = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    w = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(rv)
+    b = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(rv)
+    L = (w.abs() / (rv + bn.eps).sqrt()).max().item()
+    s = min(1.0, (1 + math.exp(bn.log_gamma_minus_1.item())) / L)
+    return lambda x: (s * w.view(1, -1, 1, 1) * (x.double() - rm.view(1, -1, 1, 1))
+                      / (rv.view(1, -1, 1, 1) + bn.eps).sqrt() + b.view(1, -1, 1, 1))
+
+
+def test_eval_folded_weight_cache_follows_every_change_of_what_it_depends_on():
+    """Eval under no_grad reuses the folded weight s w; every way of changing the weight, gamma, running_var or
+    eps shows in the next output (checked against the float64 formula after each change)."""
+    torch.manual_seed(5)
+    bn = LipschitzBatchNorm(4, gamma=3.0, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_var.fill_(0.01)  # L = 10 > gamma: the clip is active and depends on all of them
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 0.1
+    other = copy.deepcopy(bn)
+    with torch.no_grad():
+        other.weight.mul_(1.7)
+        other.log_gamma_minus_1.add_(0.3)
+        other.running_var.mul_(2.0)
+    opt = torch.optim.SGD(bn.parameters(), lr=0.5)
+
+    def optimizer_step():
+        bn.train()
+        (bn(x) * torch.randn_like(x)).sum().backward()  # also updates the running statistics
+        opt.step()
+        opt.zero_grad()
+        bn.eval()
+
+    def running_stats_only():
+        bn.train()
+        with torch.no_grad():
+            bn(x * 3.0 + 1.0)
+        bn.eval()
+
+    def set_eps():
+        bn.eps = 1e-3
+
+    def to_float32_and_back():
+        bn.float()
+        check()
+        bn.double()
+
+    changes = {
+        "optimizer step": optimizer_step,
+        "running statistics update in training": running_stats_only,
+        "load_state_dict": lambda: bn.load_state_dict(other.state_dict()),
+        "weight.data edit": lambda: bn.weight.data.mul_(-0.5),
+        "weight in-place under no_grad": lambda: torch.no_grad()(bn.weight.copy_)(bn.weight * 1.3),
+        "gamma .data edit": lambda: bn.log_gamma_minus_1.data.add_(-0.4),
+        "running_var .data edit": lambda: bn.running_var.data[1].mul_(0.25),
+        "running_var in-place": lambda: bn.running_var.mul_(1.5),
+        "eps": set_eps,
+        "dtype": to_float32_and_back,
+    }
+
+    def check():
+        with torch.no_grad():
+            y = bn(x.to(bn.weight.dtype))
+        tol = 1e-5 if bn.weight.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(y.double(), _eval_reference(bn)(x), rtol=tol, atol=tol)
+
+    bn.eval()
+    check()
+    check()  # from the cache
+    for name, change in changes.items():
+        change()
+        check()
+
+
+def test_eval_with_gradients_bypasses_the_cache():
+    """Eval-mode training (e.g. frozen statistics): gradients reach the weight and gamma."""
+    torch.manual_seed(6)
+    bn = LipschitzBatchNorm(3, gamma=2.0, dtype=torch.float64).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(0.04)  # L = 5 > gamma
+        bn.weight.copy_(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64))
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        bn(x)  # fills the cache
+    bn(x).square().sum().backward()
+    w = bn.weight.detach().clone().requires_grad_(True)
+    raw = bn.log_gamma_minus_1.detach().clone().requires_grad_(True)
+    sd = (0.04 + bn.eps) ** 0.5
+    s = torch.minimum(torch.ones((), dtype=torch.float64), (1 + raw.exp()) / (w.abs() / sd).max())
+    y = s * w.view(1, 3, 1, 1) * (x - bn.running_mean.view(1, 3, 1, 1)) / sd + bn.bias.detach().view(1, 3, 1, 1)
+    gw, graw = torch.autograd.grad(y.square().sum(), [w, raw])
+    torch.testing.assert_close(bn.weight.grad, gw, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.log_gamma_minus_1.grad, graw, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_cache_made_under_inference_mode_serves_normal_mode_and_is_not_pickled():
+    torch.manual_seed(7)
+    bn = LipschitzBatchNorm(3, gamma=2.0)
+    with torch.no_grad():
+        bn.running_var.fill_(0.04)
+    bn.eval().requires_grad_(False)  # a frozen model, e.g. under attack: only input gradients
+    x = torch.randn(4, 3, 2, 2)
+    with torch.inference_mode():
+        y_inf = bn(x)
+    xg = x.clone().requires_grad_(True)
+    y = bn(xg)  # the cached folded weight (made in inference mode) is saved for backward: a normal tensor
+    y.square().sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    s = min(1.0, 2.0 / (1.0 / math.sqrt(0.04 + bn.eps)))
+    torch.testing.assert_close(xg.grad, 2 * y.detach() * s / math.sqrt(0.04 + bn.eps))
+    bn.requires_grad_(True).train()
+    bn(torch.randn(4, 3, 2, 2)).sum().backward()  # training after inference mode
+    bn.eval()
+    assert set(bn.state_dict()) == set(LipschitzBatchNorm(3).state_dict())
+    with torch.no_grad():
+        bn(x)
+    assert "_folded_cache" in bn.__dict__
+    for clone in (pickle.loads(pickle.dumps(bn)), copy.deepcopy(bn)):
+        assert "_folded_cache" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), bn(x))
