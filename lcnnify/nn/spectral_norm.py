@@ -18,7 +18,8 @@ Modes.
   without a graph and a small autograd Function gives ``d(W/sigma)/dW``: ``grad_W = (g - <g, W/sigma> G) / sigma``
   (G recomputed in backward: one batch-1 weight-gradient, accumulated straight into ``g / sigma``; no conv
   graph is kept). On the CPU the two weight-sized outputs (W / sigma and grad_W) reuse the previous step's memory
-  whenever nothing references it any more (see :class:`_Scratch`), which spares fresh, page-faulting allocations.
+  whenever nothing references it any more (see :class:`_Scratch`), which spares fresh, page-faulting allocations;
+  that memory (twice the normalized weights) stays with the layer while it is in training mode.
 * **eval** (and ``lcnnify.freeze``): converged. Whenever the weight differs from the one last converged on
   (compared by value with ``torch.equal`` against a stored copy, so ``p.data.mul_()`` / ``copy_()`` /
   ``load_state_dict`` cannot leave it stale), a Lanczos iteration (at least 15 steps) started from the stored
@@ -406,6 +407,13 @@ class SpectralNormBase(nn.Module):
         self._op: LinearOperator | None = None
         self.__dict__["_scratch"] = _Scratch()  # plain attribute (not a buffer: never saved)
 
+    def train(self, mode: bool = True) -> "SpectralNormBase":
+        if not mode:  # the reused training-step memory is only used in training mode: give it back
+            scratch = self.__dict__.get("_scratch")
+            if scratch is not None:
+                scratch.clear()
+        return super().train(mode)
+
     # ------------------------------------------------------------------ subclass API
     def _make_op(self, input_shape: tuple[int, ...]) -> LinearOperator:
         raise NotImplementedError
@@ -576,7 +584,8 @@ class SpectralNormBase(nn.Module):
             with _profiler_range("lcnnify.spectral_norm.sigma"):
                 if needs_graph:
                     scratch = None
-                    if _REUSE_MEMORY and w.device.type == "cpu" and not torch.compiler.is_compiling():
+                    if self.training and _REUSE_MEMORY and w.device.type == "cpu" \
+                            and not torch.compiler.is_compiling():
                         scratch = self.__dict__.get("_scratch")
                         if scratch is None:  # a layer pickled before the scratch existed
                             scratch = self.__dict__["_scratch"] = _Scratch()

@@ -827,8 +827,12 @@ def test_reused_output_memory_is_never_shared_with_a_live_tensor():
     twin(x).square().sum().backward()
     conv(x).square().sum().backward()  # accumulates into the kept .grad
     torch.testing.assert_close(raw.grad, g3 + twin.parametrizations.weight.original.grad)
-    assert copy.deepcopy(conv).parametrizations.weight[0]._scratch is not \
-        conv.parametrizations.weight[0]._scratch
+    sn = conv.parametrizations.weight[0]
+    assert copy.deepcopy(conv).parametrizations.weight[0]._scratch is not sn._scratch
+    conv.eval()  # eval (also with gradients) never uses it, and leaving training gives the memory back
+    assert not sn._scratch._bufs
+    conv(x).sum().backward()
+    assert not sn._scratch._bufs
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (5, 1, 2, 2),
