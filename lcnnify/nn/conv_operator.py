@@ -12,6 +12,10 @@ shape and provides
 * ``weight_grad(x, y) = G``  with ``<y, A_W x> = <W, G>`` for every W (the conv weight-gradient at input x and
   output-gradient y), which is what makes ``sigma = <u, A_W v>`` differentiable in W without a graph.
 
+For one input of an ungrouped 2-d convolution on the CPU (the power iteration's vectors) the three are computed as
+matrix products with the im2col matrix of the input, reading the weight as it is stored (see
+:meth:`ConvOperator.prepare_weight` for which layers use it in an iteration).
+
 Used by the spectral normalization of convolutions (paper §3.4.1) and by the certified bound.
 """
 from __future__ import annotations
@@ -32,6 +36,9 @@ __all__ = ["ConvGeometry", "ConvOperator", "tf_same_padding"]
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+#: prepare_weight: 2-d convs with at least this many output pixels (compute-bound at batch 1) are applied through
+#: the convolution kernels with a channels-last weight copy; fewer (weight-bound) through the batch-1 matrix path
+_CONV_PATH_MIN_PIXELS = 64
 
 
 def tf_same_padding(spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -255,8 +262,9 @@ class ConvOperator:
     def prepare_weight(self, w: Tensor) -> Tensor:
         """``w`` in the memory layout :meth:`forward` / :meth:`adjoint` are fastest with (same values); worth
         it when the same weight is applied several times (an iteration)."""
-        if self.nd == 2 and self.groups == 1 and w.device.type == "cpu" and w.is_contiguous():
-            return w  # the batch-1 matrix path reads the weight as stored
+        if self.nd == 2 and self.groups == 1 and w.device.type == "cpu" and w.is_contiguous() \
+                and math.prod(self.output_shape[1:]) < _CONV_PATH_MIN_PIXELS:
+            return w  # weight-bound: the batch-1 matrix path reads the weight as stored (no reordered copy)
         return self._fast_layout(w)
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
