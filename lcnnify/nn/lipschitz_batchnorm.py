@@ -167,7 +167,10 @@ class _BatchNormWithBatchStatsAndClip(torch.autograd.Function):
         gamma = 1.0 + e
         M = max(L, gamma)
         s = gamma / M if L > gamma else 1.0
-        w_eff = torch.full_like(invstd, s) if weight is None else weight * s
+        if weight is None:
+            w_eff = torch.full_like(invstd, s)
+        else:  # s = 1 exactly while the clip is inactive
+            w_eff = weight if s == 1.0 else weight * s
         y = torch.batch_norm(x, w_eff, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, weight, raw)
         # intermediates of this call only (never seen outside it): kept on ctx, no saved-tensor bookkeeping

@@ -1,7 +1,10 @@
 """gamma-Lipschitz batch normalization (paper §3.4.2)."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -9,9 +12,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import lcnnify.nn.lipschitz_batchnorm as lbn_module
 from lcnnify.nn import LipschitzBatchNorm, is_lcnn_layer
 
 SETTINGS = settings(max_examples=40, deadline=None)
+
+SCALAR_PATHS = ["host", "tensor"]
+
+
+@contextlib.contextmanager
+def scalar_path(path: str):
+    """Run the training forward on one path: "host" is the CPU's (the clip's scalars and the update factor read
+    as Python numbers, one autograd node); "tensor" the one other devices take (the clip as tensor ops under
+    autograd), forced on the CPU."""
+    saved = lbn_module._reads_host_scalars
+    if path == "tensor":
+        lbn_module._reads_host_scalars = lambda input: False
+    try:
+        yield
+    finally:
+        lbn_module._reads_host_scalars = saved
+
+
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SHAPES = {1: (6, 4, 5), 2: (6, 4, 3, 3), 3: (6, 4, 2, 3, 2)}
 
@@ -235,9 +257,10 @@ def test_training_map_is_gamma_lipschitz_for_its_batch_and_ignores_running_stati
     assert s * gains.max().item() <= bn.gamma.item() * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("path", SCALAR_PATHS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(6, 3, 4, 4), (9, 3)])
-def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(affine, shape):
+def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(affine, shape, path):
     """First and second derivatives (GradReg differentiates the input gradient) against a float64 reference
     built from elementary ops: s(w, gamma) at the detached batch variance times an exact batch normalization."""
     torch.manual_seed(0)
@@ -268,24 +291,27 @@ def test_training_gradients_treat_the_batch_variance_in_the_clip_as_a_constant(a
     for fn, params in ((bn, [bn.log_gamma_minus_1] + ([bn.weight] if affine else [])),
                        (reference, [raw] + ([w_ref] if affine else []))):
         x = x0.clone().requires_grad_(True)
-        first = torch.autograd.grad((fn(x) * g).sum(), [x] + params, create_graph=True)
-        second = torch.autograd.grad((first[0] * h).sum(), [x] + params, allow_unused=True)
+        with scalar_path(path):
+            first = torch.autograd.grad((fn(x) * g).sum(), [x] + params, create_graph=True)
+            second = torch.autograd.grad((first[0] * h).sum(), [x] + params, allow_unused=True)
         grads.append([t.detach() for t in first] + [t if t is not None else torch.zeros(()) for t in second])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want.expand_as(got), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", SCALAR_PATHS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(5, 2, 3, 3), (7, 3)])
-def test_training_mode_gradcheck_and_gradgradcheck_without_clipping(affine, shape):
+def test_training_mode_gradcheck_and_gradgradcheck_without_clipping(affine, shape, path):
     torch.manual_seed(1)
     bn = LipschitzBatchNorm(shape[1], gamma=1e3, affine=affine, dtype=torch.float64).train()
     if affine:
         with torch.no_grad():
             bn.weight.uniform_(0.5, 2.0)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(bn, (x,))
-    assert torch.autograd.gradgradcheck(bn, (x,))
+    with scalar_path(path):
+        assert torch.autograd.gradcheck(bn, (x,))
+        assert torch.autograd.gradgradcheck(bn, (x,))
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
@@ -358,28 +384,6 @@ def test_no_running_stats_bounds_gain_with_current_batch_statistics():
 
 
 # ------------------------------------------------------------------ the training fast path and the eval cache
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import pickle  # noqa: E402
-
-import lcnnify.nn.lipschitz_batchnorm as lbn_module  # noqa: E402
-
-SCALAR_PATHS = ["host", "tensor"]
-
-
-@contextlib.contextmanager
-def scalar_path(path: str):
-    """"host": the CPU path (the clip's scalars and the update factor read as Python numbers, one autograd node);
-    "tensor": the path other devices take (the clip as tensor ops under autograd), forced on the CPU."""
-    saved = lbn_module._reads_host_scalars
-    if path == "tensor":
-        lbn_module._reads_host_scalars = lambda input: False
-    try:
-        yield
-    finally:
-        lbn_module._reads_host_scalars = saved
-
-
 @pytest.mark.parametrize("path", SCALAR_PATHS)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_both_scalar_paths_update_running_statistics_like_the_recurrence_without_bumping_versions(path, momentum):
@@ -631,3 +635,30 @@ def test_eval_cache_made_under_inference_mode_serves_normal_mode_and_is_not_pick
         assert "_folded_cache" not in clone.__dict__
         with torch.no_grad():
             assert torch.equal(clone(x), bn(x))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_inputs_follow_the_float64_formula_in_both_modes(param_dtype):
+    """bfloat16 activations (autocast: float32 parameters; or a bfloat16 model), clip active."""
+    torch.manual_seed(8)
+    bn = LipschitzBatchNorm(3, gamma=2.0, dtype=param_dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    x = (torch.randn(8, 3, 4, 4) * 0.2).to(torch.bfloat16)
+    g = torch.randn(8, 3, 4, 4)
+    xa = x.clone().requires_grad_(True)
+    y = bn(xa)
+    assert y.dtype == torch.bfloat16
+    (y.float() * g).sum().backward()
+    w_ref = bn.weight.detach().double().requires_grad_(True)
+    xr = x.double().requires_grad_(True)
+    raw = bn.log_gamma_minus_1.detach().double()
+    want = _reference_training_bn(xr, w_ref, raw, bn.bias.detach().double(), bn.eps, [0, 2, 3])
+    (want * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), want.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xa.grad.double(), xr.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(bn.weight.grad.double(), w_ref.grad, rtol=5e-2, atol=1e-1)
+    bn.eval()
+    with torch.no_grad():
+        ye = bn(x)
+    torch.testing.assert_close(ye.double(), _eval_reference(bn)(x), rtol=2e-2, atol=2e-2)
