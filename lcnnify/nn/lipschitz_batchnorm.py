@@ -189,7 +189,7 @@ class _BatchNormWithBatchStatsAndClip(torch.autograd.Function):
         graph = (need_w or need_raw) and torch.is_grad_enabled()  # create_graph: differentiable recomputation
         if graph:
             w_eff = _folded_weight(weight, raw, invstd)
-        if not grad.is_contiguous(memory_format=_memory_format(x)):
+        if grad.stride() != x.stride():  # the kernel is fastest with x's layout
             grad = grad.contiguous(memory_format=_memory_format(x))
         gx, g_eff, gb = torch.ops.aten.native_batch_norm_backward(
             grad, x, w_eff, None, None, mean, invstd, True, ctx.eps,
@@ -449,16 +449,17 @@ class LipschitzBatchNorm(_NormBase):
         ``host``: a Python float read from ``num_batches_tracked`` (on the CPU, where reading it is free).
         Otherwise a tensor computed from it while it changes (warm-up, ``momentum=None``): no device
         synchronization, and nothing for ``torch.compile`` to specialize on step by step."""
-        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+        t, momentum = self.num_batches_tracked, self.momentum
+        if not (self.training and self.track_running_stats and t is not None):
             return None
-        self.num_batches_tracked.add_(1)
-        if self.momentum is not None and not self.stats_warmup:
-            return self.momentum
+        t.add_(1)
+        if momentum is not None and not self.stats_warmup:
+            return momentum
         if host:
-            inv_t = 1.0 / max(int(self.num_batches_tracked), 1)
-            return inv_t if self.momentum is None else max(self.momentum, inv_t)
-        inv_t = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        return inv_t if self.momentum is None else inv_t.clamp_min(self.momentum)
+            inv_t = 1.0 / max(int(t), 1)
+            return inv_t if momentum is None else max(momentum, inv_t)
+        inv_t = t.to(self.running_mean.dtype).reciprocal()
+        return inv_t if momentum is None else inv_t.clamp_min(momentum)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: float | Tensor,
@@ -486,7 +487,7 @@ class LipschitzBatchNorm(_NormBase):
                                     self.bias, False, 0.0, self.eps)
             host = _reads_host_scalars(input)
             factor = self._average_factor(host)
-            group = self._sync_group()
+            group = self._sync_group() if self.synchronized else None
             if group is not None:
                 return self._synchronized_forward(input, group, factor)
             return self._batch_forward(input, factor, host)
@@ -524,16 +525,16 @@ class LipschitzBatchNorm(_NormBase):
         if count <= 1:
             raise ValueError(f"LipschitzBatchNorm: expected more than 1 value per channel when training, got "
                              f"input of shape {tuple(input.shape)}")
-        pdt = self._param_dtype()
-        fused = input.dtype in (torch.float32, torch.float64) and input.dtype == pdt
+        weight = self.weight
+        pdt = weight.dtype if weight is not None else self._param_dtype()
+        fused = input.dtype == pdt and pdt in (torch.float32, torch.float64)
         if fused and host and not isinstance(factor, Tensor):
             # BatchNorm's statistics kernel also updates the running statistics (unbiased variance) in place
             # without bumping their version counters, as F.batch_norm does
-            upd = factor is not None
-            mean, var = torch.batch_norm_update_stats(input.detach(), self.running_mean if upd else None,
-                                                      self.running_var if upd else None, factor if upd else 0.0)
-            return _BatchNormWithBatchStatsAndClip.apply(input, self.weight, self.bias, self.log_gamma_minus_1,
-                                                         mean, var, self.eps)
+            rm, rv = (None, None) if factor is None else (self.running_mean, self.running_var)
+            mean, var = torch.batch_norm_update_stats(input.detach(), rm, rv, 0.0 if factor is None else factor)
+            return _BatchNormWithBatchStatsAndClip.apply(input, weight, self.bias, self.log_gamma_minus_1, mean,
+                                                         var, self.eps)
         mean, var = _batch_stats(input, pdt)
         if factor is not None:
             self._update_running_stats(mean, var, count, factor)
