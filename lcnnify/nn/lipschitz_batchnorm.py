@@ -337,9 +337,12 @@ class LipschitzBatchNorm(_NormBase):
       (``stats_warmup``; t = ``num_batches_tracked``), or the cumulative average with ``momentum=None``.
     * eval mode: the running statistics; the gain is exactly :meth:`lipschitz_constant` = min(L, gamma) with
       L from ``running_var`` (the certified value).
-    * The clip factor is folded into the BN weight: in eval mode the layer is one ``F.batch_norm`` call; in
-      training one pass of BatchNorm's statistics kernel (which also updates the running statistics), the clip
-      from its variance, one normalization pass: the work of a training-mode ``F.batch_norm``.
+    * The clip factor is folded into the BN weight: in eval mode the layer is one ``F.batch_norm`` call (the
+      folded weight s w is cached while the weight, gamma, ``running_var`` and ``eps`` keep their values, when
+      no gradient is wanted); in training one pass of BatchNorm's statistics kernel (which also updates the
+      running statistics), the clip from its variance, one normalization pass: the work of a training-mode
+      ``F.batch_norm``. On the CPU the clip's scalars are read on the host and the clip, normalization and their
+      gradients are one autograd node (closed-form gradient of the clip; exact double backward).
     * ``track_running_stats=False`` (no running statistics; BN always normalizes with the batch statistics):
       L uses the biased variance of the current batch in both modes.
     * gamma = 1 + exp(log_gamma_minus_1) >= 1 by construction (initial value ``gamma``, default 10); it gets a
@@ -528,10 +531,10 @@ class LipschitzBatchNorm(_NormBase):
         weight = self.weight
         pdt = weight.dtype if weight is not None else self._param_dtype()
         fused = input.dtype == pdt and pdt in (torch.float32, torch.float64)
-        if fused and host and not isinstance(factor, Tensor):
+        rm, rv = (None, None) if factor is None else (self.running_mean, self.running_var)
+        if fused and host and not isinstance(factor, Tensor) and (rv is None or rv.dtype == pdt):
             # BatchNorm's statistics kernel also updates the running statistics (unbiased variance) in place
             # without bumping their version counters, as F.batch_norm does
-            rm, rv = (None, None) if factor is None else (self.running_mean, self.running_var)
             mean, var = torch.batch_norm_update_stats(input.detach(), rm, rv, 0.0 if factor is None else factor)
             return _BatchNormWithBatchStatsAndClip.apply(input, weight, self.bias, self.log_gamma_minus_1, mean,
                                                          var, self.eps)
