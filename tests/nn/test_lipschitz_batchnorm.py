@@ -662,3 +662,19 @@ def test_bfloat16_inputs_follow_the_float64_formula_in_both_modes(param_dtype):
     with torch.no_grad():
         ye = bn(x)
     torch.testing.assert_close(ye.double(), _eval_reference(bn)(x), rtol=2e-2, atol=2e-2)
+
+
+def test_running_statistics_in_another_dtype_than_the_weight_take_the_general_path():
+    """float64 running statistics beside float32 parameters (e.g. loaded from another checkpoint): the
+    statistics kernel cannot update them in place, the general path does (same numbers as the tensor path)."""
+    torch.manual_seed(9)
+    x = torch.randn(6, 3, 2, 2)
+    out = {}
+    for path in SCALAR_PATHS:
+        bn = LipschitzBatchNorm(3)
+        bn.running_mean.data = bn.running_mean.data.double()
+        bn.running_var.data = bn.running_var.data.double()
+        with scalar_path(path):
+            out[path] = (bn(x).detach(), bn.running_var.clone())
+    assert torch.equal(out["host"][0], out["tensor"][0]) and torch.equal(out["host"][1], out["tensor"][1])
+    assert out["host"][1].dtype == torch.float64
