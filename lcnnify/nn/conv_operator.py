@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -250,10 +250,22 @@ class ConvOperator:
         return self.nd == 2 and self.groups == 1 and x.dim() == 4 and x.shape[0] == 1 and x.device.type == "cpu" \
             and w.is_contiguous()
 
+    def _pointwise(self) -> bool:
+        # 1x1 kernel, stride 1, no padding: the im2col matrix is the input itself
+        pw = self.__dict__.get("_is_pointwise")
+        if pw is None:
+            g = self.geometry
+            pw = self.__dict__["_is_pointwise"] = self.kind == 0 and all(k == 1 for k in g.kernel_size) and \
+                all(st == 1 for st in self.stride) and not any(self.padding)
+        return pw
+
     def cols(self, x: Tensor) -> Tensor:
         """``X^T``: the transposed im2col matrix (L, C k_h k_w) of one input ``x`` of shape ``(1, *input_shape)``
         (2-d convs), such that ``A_W x = (X^T W_mat^T)^T`` and ``G(x, y) = Y X``."""
-        return F.unfold(self._pad(x), self.geometry.kernel_size, self.dilation, self.padding, self.stride)[0].t()
+        if self._pointwise():
+            return x.reshape(x.shape[1], -1).t()
+        return torch._C._nn.im2col(self._pad(x), self.geometry.kernel_size, self.dilation, self.padding,
+                                   self.stride)[0].t()
 
     def _forward_cols(self, cols_t: Tensor, w: Tensor) -> Tensor:
         out = cols_t.mm(w.view(w.shape[0], -1).t())  # (L, C_out)
@@ -275,7 +287,7 @@ class ConvOperator:
                           self.groups)
 
     def forward_and_cols(self, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(A_W x, cols)``: ``cols`` (or None) can be handed to :meth:`add_weight_grad_` for the same ``x``,
+        """``(A_W x, cols)``: ``cols`` (or None) can be handed to :meth:`axpby_weight_grad` for the same ``x``,
         which then skips the im2col of ``x``."""
         if self._matrix_path(x, w):
             cols_t = self.cols(x)
@@ -290,7 +302,10 @@ class ConvOperator:
             spatial = self.input_shape[1:]
             if self.kind:
                 spatial = tuple(s + left + right for s, (left, right) in zip(spatial, self.geometry.pads))
-            z = F.fold(ct.t()[None], spatial, self.geometry.kernel_size, self.dilation, self.padding, self.stride)
+            if self._pointwise():
+                return ct.t().reshape(1, *self.input_shape)
+            z = torch._C._nn.col2im(ct.t()[None], spatial, self.geometry.kernel_size, self.dilation, self.padding,
+                                    self.stride)
         else:
             z = self._conv_t(self._fast_layout(y), w, None, self.stride, self.padding, self.output_padding,
                              self.groups, self.dilation)
@@ -316,18 +331,22 @@ class ConvOperator:
             y.contiguous(), self._pad(x.contiguous()), w, None, list(self.stride), list(self.padding),
             list(self.dilation), False, [0] * self.nd, self.groups, [False, True, False])[1]
 
-    def add_weight_grad_(self, out: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
-                         cols: Tensor | None = None) -> Tensor:
-        """``out += alpha * G(x, y)`` in place (``alpha`` a 0-dim tensor), without a separate G on the batch-1
-        matrix path (one product accumulated into ``out``); ``cols`` from :meth:`forward_and_cols` for this
-        ``x``, if at hand."""
-        if self._matrix_path(x, out):
-            cout = out.shape[0]
+    def axpby_weight_grad(self, g: Tensor, beta: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
+                          cols: Tensor | None = None, buffer: Callable[[], Tensor] | None = None) -> Tensor:
+        """``beta * g + alpha * G(x, y)`` (``alpha``, ``beta`` 0-dim tensors; ``g`` weight-shaped, not modified).
+
+        On the batch-1 matrix path: ``beta * g`` is written into ``buffer()`` (memory for the result, if given)
+        and the product ``Y X^T`` accumulated into it (no separate G), with ``cols`` from
+        :meth:`forward_and_cols` for this ``x`` if at hand. Otherwise G is computed (conv weight-gradient) and
+        the result built in it."""
+        if self._matrix_path(x, g):
+            cout = g.shape[0]
             if cols is None:
                 cols = self.cols(x)
+            out = torch.mul(g, beta) if buffer is None else torch.mul(g, beta, out=buffer())
             out.view(cout, -1).addmm_(y.reshape(cout, -1) * alpha, cols)
             return out
-        return out.add_(self.weight_grad(x, y, out).mul_(alpha))
+        return self.weight_grad(x, y, g).mul_(alpha).addcmul_(g, beta)
 
     def __repr__(self) -> str:
         return f"ConvOperator({self.input_shape} -> {self.output_shape}, kind={self.kind})"

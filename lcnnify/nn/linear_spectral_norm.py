@@ -11,6 +11,9 @@ never more accurate than its last power iteration. Checkpoints written with torc
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -41,9 +44,11 @@ class MatrixOperator:
     def forward_and_cols(self, x: Tensor, w: Tensor) -> tuple[Tensor, None]:
         return F.linear(x, w), None
 
-    def add_weight_grad_(self, out: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
-                         cols: Tensor | None = None) -> Tensor:
-        """``out += alpha * y^T x`` in place (one product accumulated into ``out``)."""
+    def axpby_weight_grad(self, g: Tensor, beta: Tensor, x: Tensor, y: Tensor, alpha: Tensor,
+                          cols: Tensor | None = None, buffer: Callable[[], Tensor] | None = None) -> Tensor:
+        """``beta * g + alpha * y^T x``: ``beta * g`` written into ``buffer()`` if given, the product
+        accumulated into it."""
+        out = torch.mul(g, beta) if buffer is None else torch.mul(g, beta, out=buffer())
         return out.addmm_((y * alpha).t(), x)
 
     def __repr__(self) -> str:

@@ -315,6 +315,7 @@ class _Scratch:
 
 
 _REUSE_MEMORY = hasattr(torch._C, "_storage_Use_Count")
+_REUSE_MIN_BYTES = 1 << 18  # smaller weights: the allocator's free lists serve them without page faults
 
 
 class _SpectralNormalize(torch.autograd.Function):
@@ -322,7 +323,7 @@ class _SpectralNormalize(torch.autograd.Function):
 
     Backward (sigma >= min_sigma): ``grad_W = (g - <g, W/sigma> G) / sigma``, G = ``op.weight_grad(v, u)``
     recomputed (one batch-1 weight-gradient, accumulated straight into ``g / sigma`` where the operator can:
-    ``op.add_weight_grad_``, with the im2col matrix of v kept from the power iteration); below the floor:
+    ``op.axpby_weight_grad``, with the im2col matrix of v kept from the power iteration); below the floor:
     ``g / min_sigma``. Under create_graph the same formula is built from differentiable ops with
     sigma = <W, G>, so double backward is exact.
     """
@@ -357,15 +358,14 @@ class _SpectralNormalize(torch.autograd.Function):
             else:
                 gw = (g * w).sum()
             c = torch.where(active, gw * inv, torch.zeros_like(sigma))
-            if ctx.scratch is None:
-                out = g * inv
+            axpby = getattr(ctx.op, "axpby_weight_grad", None)
+            if axpby is None:  # a LinearOperator with weight_grad only
+                out = ctx.op.weight_grad(v, u, w).mul_(-c * inv).addcmul_(g, inv)
             else:
-                out = torch.mul(g, inv, out=ctx.scratch.take("grad", g))
-            add = getattr(ctx.op, "add_weight_grad_", None)
-            if add is None:  # a LinearOperator with weight_grad only
-                G = ctx.op.weight_grad(v, u, w)
-                return out.add_(G.mul_(-c * inv)), None, None, None, None, None, None, None
-            return add(out, v, u, -c * inv, ctx.cols), None, None, None, None, None, None, None
+                scratch = ctx.scratch
+                out = axpby(g, inv, v, u, -c * inv, ctx.cols,
+                            None if scratch is None else (lambda: scratch.take("grad", g)))
+            return out, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -585,7 +585,7 @@ class SpectralNormBase(nn.Module):
                 if needs_graph:
                     scratch = None
                     if self.training and _REUSE_MEMORY and w.device.type == "cpu" \
-                            and not torch.compiler.is_compiling():
+                            and w.numel() * w.element_size() >= _REUSE_MIN_BYTES and not torch.compiler.is_compiling():
                         scratch = self.__dict__.get("_scratch")
                         if scratch is None:  # a layer pickled before the scratch existed
                             scratch = self.__dict__["_scratch"] = _Scratch()
