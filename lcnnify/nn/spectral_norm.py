@@ -115,12 +115,13 @@ def _normal_tensors():
 
 
 _NO_RANGE = contextlib.nullcontext()
+_profiler_enabled: Callable[[], bool] = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
 
 def _profiler_range(name: str):
     """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
     record_function costs a few microseconds even when nothing records)."""
-    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else _NO_RANGE
+    return torch.profiler.record_function(name) if _profiler_enabled() else _NO_RANGE
 
 
 def _normalize(t: Tensor, eps: float) -> Tensor:
@@ -585,7 +586,8 @@ class SpectralNormBase(nn.Module):
                 if needs_graph:
                     scratch = None
                     if self.training and _REUSE_MEMORY and w.device.type == "cpu" \
-                            and w.numel() * w.element_size() >= _REUSE_MIN_BYTES and not torch.compiler.is_compiling():
+                            and w.numel() * w.element_size() >= _REUSE_MIN_BYTES \
+                            and not torch.compiler.is_compiling():
                         scratch = self.__dict__.get("_scratch")
                         if scratch is None:  # a layer pickled before the scratch existed
                             scratch = self.__dict__["_scratch"] = _Scratch()

@@ -871,3 +871,14 @@ def test_float32_batch1_matrix_path_matches_the_float64_dense_operator(kernel, s
     acc = op.axpby_weight_grad(base, torch.tensor(2.0), v, u, torch.tensor(0.5), cols)
     torch.testing.assert_close(acc.double(), 2 * base.double() + 0.5 * g_ref, rtol=0,
                                atol=1e-5 * (g_ref.abs().max().item() + base.abs().max().item()))
+
+
+def test_training_step_is_labelled_in_the_profiler():
+    """torch.profiler attributes the spectral norm's share of a step to three named ranges (entered only while a
+    profiler records)."""
+    conv = conv_spectral_norm(nn.Conv2d(3, 4, 3), input_shape=(3, 8, 8)).train()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        conv(torch.randn(1, 3, 8, 8)).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"lcnnify.spectral_norm.power_iteration", "lcnnify.spectral_norm.sigma",
+            "lcnnify.spectral_norm.sigma_backward"} <= names
