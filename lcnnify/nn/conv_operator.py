@@ -39,6 +39,10 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: prepare_weight: 2-d convs with at least this many output pixels (compute-bound at batch 1) are applied through
 #: the convolution kernels with a channels-last weight copy; fewer (weight-bound) through the batch-1 matrix path
 _CONV_PATH_MIN_PIXELS = 64
+#: axpby_weight_grad on the matrix path: weights of at least this many bytes are done in row blocks of about
+#: _ROW_BLOCK_BYTES, each scaled and accumulated while it is in cache (one pass over memory instead of two)
+_BLOCKED_MIN_BYTES = 1 << 22
+_ROW_BLOCK_BYTES = 1 << 19
 
 
 def tf_same_padding(spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -343,8 +347,13 @@ class ConvOperator:
             cout = g.shape[0]
             if cols is None:
                 cols = self.cols(x)
-            out = torch.mul(g, beta) if buffer is None else torch.mul(g, beta, out=buffer())
-            out.view(cout, -1).addmm_(y.reshape(cout, -1) * alpha, cols)
+            out = torch.empty_like(g) if buffer is None else buffer()
+            gm, om, ym = g.view(cout, -1), out.view(cout, -1), y.reshape(cout, -1) * alpha
+            row_bytes = gm.shape[1] * g.element_size()
+            rows = cout if cout * row_bytes < _BLOCKED_MIN_BYTES else max(1, _ROW_BLOCK_BYTES // row_bytes)
+            for i in range(0, cout, rows):
+                block = om[i:i + rows]
+                torch.mul(gm[i:i + rows], beta, out=block).addmm_(ym[i:i + rows], cols)
             return out
         return self.weight_grad(x, y, g).mul_(alpha).addcmul_(g, beta)
 

@@ -882,3 +882,22 @@ def test_training_step_is_labelled_in_the_profiler():
     names = {e.key for e in prof.key_averages()}
     assert {"lcnnify.spectral_norm.power_iteration", "lcnnify.spectral_norm.sigma",
             "lcnnify.spectral_norm.sigma_backward"} <= names
+
+
+@pytest.mark.parametrize("block_bytes", [1, 200, 1 << 30])
+def test_weight_grad_axpby_in_row_blocks_equals_the_whole(monkeypatch, block_bytes):
+    """Large weights are scaled and accumulated in row blocks (one row, ragged blocks, one block): the same
+    beta g + alpha G as autograd of the conv."""
+    from lcnnify.nn import conv_operator
+    monkeypatch.setattr(conv_operator, "_BLOCKED_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_operator, "_ROW_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 7, 3, padding=1).double()
+    op = conv_spectral_norm(conv, input_shape=(3, 5, 5)).parametrizations.weight[0].operator
+    x, y = torch.randn(1, 3, 5, 5, dtype=torch.float64), torch.randn(1, 7, 5, 5, dtype=torch.float64)
+    w = torch.randn(op.weight_shape, dtype=torch.float64, requires_grad=True)
+    (g_ref,) = torch.autograd.grad((y * conv_apply(conv, x, w)).sum(), w)
+    g = torch.randn(op.weight_shape, dtype=torch.float64)
+    alpha, beta = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(1.7, dtype=torch.float64)
+    out = op.axpby_weight_grad(g, beta, x, y, alpha, op.forward_and_cols(x, w.detach())[1])
+    torch.testing.assert_close(out, beta * g + alpha * g_ref, rtol=1e-12, atol=1e-12)
