@@ -265,7 +265,7 @@ class ConvOperator:
 
     def cols(self, x: Tensor) -> Tensor:
         """``X^T``: the transposed im2col matrix (L, C k_h k_w) of one input ``x`` of shape ``(1, *input_shape)``
-        (2-d convs), such that ``A_W x = (X^T W_mat^T)^T`` and ``G(x, y) = Y X``."""
+        (2-d convs), so that ``A_W x = (X^T W_mat^T)^T`` and ``G(x, y) = Y X^T`` (viewed as the weight)."""
         if self._pointwise():
             return x.reshape(x.shape[1], -1).t()
         return torch._C._nn.im2col(self._pad(x), self.geometry.kernel_size, self.dilation, self.padding,
