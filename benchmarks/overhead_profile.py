@@ -60,7 +60,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, paired_ratios, rotated_rounds, spread, table  # noqa: E402
-from overhead import VARIANTS, _data, build, eval_fn, train_step_fn  # noqa: E402
+from overhead import (COMPILED, VARIANTS, _data, build, compiled_kernels_work, eval_fn,  # noqa: E402
+                      kernels_switch, train_step_fn)
 
 STEP_LABEL = "overhead_profile.step"
 #: label prefix of the scopes this script opens around module calls
@@ -475,7 +476,12 @@ def micro_elementwise(shapes: list[tuple[int, ...]], reps: int, beta: float = 5.
 
 # ------------------------------------------------------------------------------------------ one model
 def _variants(args: argparse.Namespace) -> list[str]:
-    return [v for v in VARIANTS if v in ("original", "lcnn") or args.components]
+    """original and lcnn; with --components every variant of overhead.py (the compiled-softplus one only where
+    its kernels compile)."""
+    out = [v for v in VARIANTS if v in ("original", "lcnn") or args.components]
+    if any(v in COMPILED for v in out) and not compiled_kernels_work():
+        out = [v for v in out if v not in COMPILED]
+    return out
 
 
 def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -488,7 +494,7 @@ def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
         fns = {}
         for v, (m, o, lc) in built.items():
             m.train(mode == "train")
-            fns[v] = train_step_fn(m, o, x, y, lc) if mode == "train" else eval_fn(m, x)
+            fns[v] = kernels_switch(v, train_step_fn(m, o, x, y, lc) if mode == "train" else eval_fn(m, x))
         # unprofiled: process CPU time of rotated rounds (the step as overhead.py times it)
         timing = rotated_rounds(fns, args.timing_rounds, warmup=args.warmup) if args.timing_rounds else {}
         rounds = profile_rounds(fns, {v: b[0] for v, b in built.items()}, args.warmup, args.steps)
