@@ -268,8 +268,8 @@ class ConvOperator:
         (2-d convs), so that ``A_W x = (X^T W_mat^T)^T`` and ``G(x, y) = Y X^T`` (viewed as the weight)."""
         if self._pointwise():
             return x.reshape(x.shape[1], -1).t()
-        return torch._C._nn.im2col(self._pad(x), self.geometry.kernel_size, self.dilation, self.padding,
-                                   self.stride)[0].t()
+        return F.unfold(self._pad(x), self.geometry.kernel_size, dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)[0].t()
 
     def _forward_cols(self, cols_t: Tensor, w: Tensor) -> Tensor:
         out = cols_t.mm(w.view(w.shape[0], -1).t())  # (L, C_out)
@@ -308,8 +308,8 @@ class ConvOperator:
                 spatial = tuple(s + left + right for s, (left, right) in zip(spatial, self.geometry.pads))
             if self._pointwise():
                 return ct.t().reshape(1, *self.input_shape)
-            z = torch._C._nn.col2im(ct.t()[None], spatial, self.geometry.kernel_size, self.dilation, self.padding,
-                                    self.stride)
+            z = F.fold(ct.t()[None], spatial, self.geometry.kernel_size, dilation=self.dilation,
+                       padding=self.padding, stride=self.stride)
         else:
             z = self._conv_t(self._fast_layout(y), w, None, self.stride, self.padding, self.output_padding,
                              self.groups, self.dilation)
