@@ -49,7 +49,7 @@ from lcnnify.metrics import curvature, robust_accuracy  # noqa: E402
 from lcnnify.models import SmallCNN  # noqa: E402
 from lcnnify.nn import CenteredSoftplus, LipschitzBatchNorm  # noqa: E402
 from lcnnify.regularizers import softplus_model  # noqa: E402
-from lcnnify.train import evaluate, fit  # noqa: E402
+from lcnnify.train import fit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -8,18 +8,21 @@ thing the same way:
 * :func:`model_device` / :func:`model_dtype` -- where a model lives (first parameter, else first buffer);
 * :func:`redirect_later_readers` -- after an in-place op became an out-of-place one, make later readers of the
   mutated tensor read the new value (what the in-place op's aliasing meant). Which calls are in place is the
-  op registry's knowledge: :func:`lcnnify.ops.inplace_source`.
+  op registry's knowledge: :func:`lcnnify.ops.inplace_source`;
+* :func:`normal_tensors` -- compute caches and buffers as normal tensors even under ``torch.inference_mode()``;
+* :func:`profiler_range` -- a ``torch.profiler`` label that costs nothing while no profiler records.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Callable, ContextManager, Iterator, Mapping
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["modes_preserved", "model_device", "model_dtype", "redirect_later_readers"]
+__all__ = ["modes_preserved", "model_device", "model_dtype", "redirect_later_readers", "normal_tensors",
+           "profiler_range"]
 
 
 @contextlib.contextmanager
@@ -70,3 +73,24 @@ def redirect_later_readers(src: fx.Node, new: fx.Node, order: Mapping[fx.Node, i
     for user in list(src.users):
         if user is not new and order.get(user, -1) > pos:
             user.replace_input_with(src, new)
+
+
+@contextlib.contextmanager
+def normal_tensors() -> Iterator[None]:
+    """Inside ``torch.inference_mode()``: compute (without grad) outside it, so that the buffers and caches a
+    layer writes are normal tensors that training and autograd can use later. Elsewhere: nothing."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    else:
+        yield
+
+
+_NO_RANGE = contextlib.nullcontext()
+_profiler_enabled: Callable[[], bool] = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def profiler_range(name: str) -> ContextManager:
+    """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
+    record_function costs a few microseconds even when nothing records)."""
+    return torch.profiler.record_function(name) if _profiler_enabled() else _NO_RANGE

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcnnify import lcnnify, param_groups
-from lcnnify.nn import CenteredSoftplus, centered_softplus
+from lcnnify.nn import CenteredSoftplus
 
 LOG2 = math.log(2.0)
 

@@ -51,6 +51,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._utils import normal_tensors
+
 __all__ = ["CenteredSoftplus", "centered_softplus"]
 
 _LOG2 = math.log(2.0)
@@ -145,7 +147,7 @@ def _coeff_tensors(coeffs: tuple[float, ...], like: Tensor) -> tuple[Tensor, ...
     key = (coeffs, like.dtype, like.device)
     c = _COEFF_TENSORS.get(key)
     if c is None:
-        with torch.inference_mode(False):  # normal tensors, usable in every mode
+        with normal_tensors():  # usable in every mode
             c = tuple(torch.tensor(ck, dtype=like.dtype, device=like.device) for ck in coeffs)
         _COEFF_TENSORS[key] = c
     return c

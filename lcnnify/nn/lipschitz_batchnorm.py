@@ -52,7 +52,6 @@ mode the layer uses local statistics, like ``nn.SyncBatchNorm``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +61,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+
+from .._utils import normal_tensors as _normal_tensors
+from .._utils import profiler_range as _profiler_range
 
 __all__ = ["LipschitzBatchNorm"]
 
@@ -300,26 +302,6 @@ class _FoldedWeightCache:
 def _same(a: Tensor, b: Tensor | None) -> bool:
     return (b is not None and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
             and torch.equal(a, b))
-
-
-@contextlib.contextmanager
-def _normal_tensors():
-    """Inside ``torch.inference_mode()``: compute outside it, so that a cached tensor is a normal tensor that
-    later calls outside inference mode can use. Elsewhere: nothing."""
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            yield
-    else:
-        yield
-
-
-_NO_RANGE = contextlib.nullcontext()
-
-
-def _profiler_range(name: str):
-    """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
-    record_function costs a few microseconds even when nothing records)."""
-    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else _NO_RANGE
 
 
 class LipschitzBatchNorm(_NormBase):

@@ -60,6 +60,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._utils import normal_tensors as _normal_tensors
+from .._utils import profiler_range as _profiler_range
 from ..errors import ConversionError, ShapeChangeWarning
 from .conv_operator import ConvGeometry, ConvOperator, tf_same_padding
 
@@ -101,27 +103,6 @@ def _no_autocast(device_type: str):
     except (TypeError, RuntimeError):  # pragma: no cover - unusual device types
         enabled = False
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _normal_tensors():
-    """Inside ``torch.inference_mode()``: compute (without grad) outside it, so that buffers and caches are
-    normal tensors that training can use later. Elsewhere: nothing."""
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.no_grad():
-            yield
-    else:
-        yield
-
-
-_NO_RANGE = contextlib.nullcontext()
-_profiler_enabled: Callable[[], bool] = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
-
-
-def _profiler_range(name: str):
-    """``torch.profiler.record_function(name)`` while a profiler is recording, else a no-op (entering a
-    record_function costs a few microseconds even when nothing records)."""
-    return torch.profiler.record_function(name) if _profiler_enabled() else _NO_RANGE
 
 
 def _normalize(t: Tensor, eps: float) -> Tensor:
