@@ -650,7 +650,8 @@ def remedies(mode: str, mres: dict, model_res: dict) -> dict[str, str]:
     bk = lc["categories_ms"]["sn_bookkeeping"]
     eq = lc["category_ops_ms"].get("sn_bookkeeping", {}).get("aten::equal", 0.0)
     eq_text = (f" The eval cache check compares every weight with its stored copy (`aten::equal`, {eq:.1f} ms); "
-               f"keying the cache on the weight's version counter instead would remove it." if eq >= 0.05 else "")
+               f"a version-counter key would remove it but miss `p.data` edits, so the check compares values; a "
+               f"cheaper exact change test is what would remove it." if eq >= 0.05 else "")
     lines["sn_bookkeeping"] = (
         f"{bk / max(n_sn, 1) * 1e3:.0f} us per spectral-norm layer per step of parametrization machinery, dtype/"
         f"u,v copies{' and the eval cache check' if mode == 'eval' else ''}; top ops: "
